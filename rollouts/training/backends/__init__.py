@@ -1,0 +1,32 @@
+"""Backends (Tier 0) with the primitives (Tier 1) and factories (Tier 2) that build them."""
+
+from rollouts.training.backends.checkpointing import find_latest_checkpoint, list_checkpoints
+from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.backends.pytorch import PyTorchTrainingBackend
+from rollouts.training.backends.pytorch_factory import (
+    compute_device_map_single_gpu,
+    create_adamw_optimizer,
+    create_backend_with_scheduler,
+    create_cross_entropy_loss,
+    create_pytorch_backend,
+    create_warmup_cosine_scheduler,
+    create_warmup_scheduler,
+    load_hf_model,
+    parse_dtype,
+)
+
+__all__ = [
+    "PyTorchTrainingBackend",
+    "TrainingBackend",
+    "compute_device_map_single_gpu",
+    "create_adamw_optimizer",
+    "create_backend_with_scheduler",
+    "create_cross_entropy_loss",
+    "create_pytorch_backend",
+    "create_warmup_cosine_scheduler",
+    "create_warmup_scheduler",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "load_hf_model",
+    "parse_dtype",
+]

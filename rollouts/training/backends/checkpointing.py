@@ -1,0 +1,118 @@
+"""Checkpoint directories that appear whole or not at all, and the RNG state they carry.
+
+A checkpoint is a directory `step_00000042/` under the backend's checkpoint root. It is written
+under a hidden temporary name, flushed to disk, and renamed into place: a crash mid-save leaves a
+`.tmp-*` directory (ignored, and removed by the next save) and never a half-written `step_*`.
+Re-saving an existing step moves the old directory aside first and deletes it only after the new
+one is in place.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "atomic_directory",
+    "capture_rng_state",
+    "checkpoint_path",
+    "find_latest_checkpoint",
+    "list_checkpoints",
+    "restore_rng_state",
+]
+
+_STEP_DIR = re.compile(r"^step_(\d{8,})$")
+
+
+def checkpoint_path(checkpoint_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives."""
+    if step < 0:
+        raise ValueError(f"checkpoint step must be >= 0, got {step}")
+    return Path(checkpoint_dir) / f"step_{step:08d}"
+
+
+def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
+    """Finished checkpoints under `checkpoint_dir`, oldest step first (temporaries excluded)."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))]
+    return [path for _, path in sorted(found)]
+
+
+def find_latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
+    """The finished checkpoint with the highest step, or None."""
+    checkpoints = list_checkpoints(checkpoint_dir)
+    return checkpoints[-1] if checkpoints else None
+
+
+@contextmanager
+def atomic_directory(final_path: Path) -> Iterator[Path]:
+    """Yield a temporary directory; on a clean exit, fsync it and rename it to `final_path`."""
+    parent = final_path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    for stale in parent.glob(f".tmp-{final_path.name}-*"):  # left by a crash mid-save
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp_path = parent / f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}"
+    tmp_path.mkdir()
+    try:
+        yield tmp_path
+        _fsync_tree(tmp_path)
+    except BaseException:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+        raise
+    aside_path = None
+    if final_path.exists():
+        aside_path = parent / f".old-{final_path.name}-{uuid.uuid4().hex[:8]}"
+        os.rename(final_path, aside_path)
+    os.rename(tmp_path, final_path)
+    _fsync_dir(parent)
+    if aside_path is not None:
+        shutil.rmtree(aside_path, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for path in root.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (when present) CUDA generator states."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch_cpu": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Inverse of `capture_rng_state`."""
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["torch_cuda"])

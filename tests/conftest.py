@@ -1,0 +1,48 @@
+"""Shared fixtures: a tiny Llama saved to disk (never downloaded) and batches for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+VOCAB_SIZE = 256
+
+
+def tiny_llama_config(**overrides: int) -> LlamaConfig:
+    fields = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB_SIZE,
+        max_position_embeddings=256,
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama with seeded random weights, written with save_pretrained."""
+    torch.manual_seed(1234)
+    model = LlamaForCausalLM(tiny_llama_config())
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return path
+
+
+def make_batch(
+    seed: int, batch_size: int = 4, seq_len: int = 16, ignore_prefix: tuple[int, ...] = ()
+) -> dict[str, torch.Tensor]:
+    """Random tokens; labels are the next token, -100 on the last position and on the first
+    `ignore_prefix[b]` positions of row b (so rows carry different numbers of valid tokens)."""
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB_SIZE, (batch_size, seq_len + 1), generator=generator)
+    input_ids, labels = tokens[:, :-1].clone(), tokens[:, 1:].clone()
+    for row, prefix in enumerate(ignore_prefix):
+        labels[row, :prefix] = -100
+    return {"input_ids": input_ids, "labels": labels}

@@ -1,0 +1,1 @@
+"""Reinforcement learning: episodes through a rollout engine, group advantages, the RL loop."""

@@ -1,0 +1,430 @@
+"""`run_rl_training`: sample groups, reward them, train on them, push the new weights; repeat.
+
+One step, synchronous (`async_mode=False`):
+
+    sample G completions for each of P prompts with weights version v
+    -> rewards -> group-centred advantages -> micro-batches
+    -> forward_backward(each) -> optim_step -> push weights to the engine as version v + 1
+
+Asynchronous (`async_mode=True`, `max_steps_off_policy=k`): a producer samples step s as soon as
+the engine holds weights of version >= s - k, while the trainer trains on earlier steps, so batch s
+is at most k versions old when trained. With k = 0 the producer waits for every push and the run is
+the synchronous loop, operation for operation. Groups found staler than k (the bound is re-checked
+when a batch is consumed) are dropped or re-sampled with the current weights, and counted.
+
+Sampling is seeded per step (`seed`, step, attempt), and the prompts of a step come from a seeded
+permutation per epoch, so a synchronous run is reproducible and resumes exactly from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from rollouts.inference import RolloutEngine, SamplingParams
+from rollouts.rl.batching import (
+    Group,
+    build_micro_batches,
+    classify_group,
+    group_advantages,
+    split_by_staleness,
+)
+from rollouts.rl.episodes import run_episodes
+from rollouts.rl.metrics import ActivityClock, mismatch_metrics
+from rollouts.tasks.protocol import Env, SingleTurnEnv, Task, TaskPrompt
+from rollouts.training.backends.checkpointing import checkpoint_path
+from rollouts.training.backends.protocol import TrainingBackend
+
+__all__ = ["RLTrainingConfig", "run_rl_training"]
+
+STALE_POLICIES = ("drop", "requeue")
+STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
+RL_STATE_DIR = "rl_state"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLTrainingConfig:
+    """How an RL run samples, filters, trains and reports. Every field has a default."""
+
+    num_steps: int = 20  # optimizer steps; each pushes one new weight version
+    prompts_per_step: int = 16  # groups per step
+    group_size: int = 8  # samples per prompt (G)
+    micro_batch_size: int = 64  # sequences per forward_backward
+    max_tokens: int = 16  # generated tokens per assistant turn, at most
+    temperature: float = 1.0  # sampling temperature (1.0 keeps sampler and trainer comparable)
+    top_k: int = -1  # -1: off
+    top_p: float = 1.0  # 1.0: off
+    stop: tuple[str, ...] | None = None  # stop strings, besides EOS
+    max_turns: int = 1  # assistant turns per episode (multi-turn environments)
+    normalize_advantages_by_std: bool = False  # divide centred rewards by the group std
+    drop_constant_groups: bool = True  # drop groups whose rewards are all equal (no signal)
+    success_reward: float = 1.0  # reward at or above which an answer counts as correct
+    async_mode: bool = False  # sample later steps while training the current one
+    max_steps_off_policy: int = 1  # async: most versions a trained sample may lag behind
+    stale_groups: str = "drop"  # async: "drop" or "requeue" (re-sample) groups staler than that
+    eval_every_steps: int = 5  # held-out accuracy every N steps (and at start and end); 0: off
+    eval_max_prompts: int = 256  # held-out prompts evaluated, at most
+    checkpoint_every_steps: int = 0  # 0: only the final checkpoint
+    resume: bool = False  # continue from the latest checkpoint that has RL state
+    seed: int = 0  # prompt order and sampling seeds
+    log_mismatch: bool = True  # one extra forward per batch for sampler/trainer diagnostics
+    ratio_clip_low: float = 0.8  # clip-fraction bounds of the importance ratio (diagnostic)
+    ratio_clip_high: float = 1.2
+
+    def __post_init__(self) -> None:
+        positive = (
+            "num_steps",
+            "prompts_per_step",
+            "group_size",
+            "micro_batch_size",
+            "max_tokens",
+            "max_turns",
+            "eval_max_prompts",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"RLTrainingConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps_off_policy", "eval_every_steps", "checkpoint_every_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"RLTrainingConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.stale_groups not in STALE_POLICIES:
+            raise ValueError(
+                f"RLTrainingConfig.stale_groups={self.stale_groups!r}; must be one of "
+                f"{STALE_POLICIES}"
+            )
+        if not 0 < self.ratio_clip_low < 1 < self.ratio_clip_high:
+            raise ValueError("RLTrainingConfig needs 0 < ratio_clip_low < 1 < ratio_clip_high")
+
+    def sampling_params(self, seed: int) -> SamplingParams:
+        return SamplingParams(
+            max_tokens=self.max_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            stop=self.stop,
+            seed=seed,
+        )
+
+
+@dataclass
+class _Rollout:
+    step: int
+    groups: list[Group]
+    sample_time_s: float
+
+
+class _RLRun:
+    """The state of one run; the loop's control flow is in `run_rl_training`."""
+
+    def __init__(
+        self,
+        backend: TrainingBackend,
+        engine: RolloutEngine,
+        task: Task,
+        config: RLTrainingConfig,
+        logger: Any,
+        tokenizer: Any,
+    ) -> None:
+        self.backend, self.engine, self.task, self.config = backend, engine, task, config
+        self.logger, self.tokenizer = logger, tokenizer
+        self.train_prompts: Sequence[TaskPrompt] = task.train_prompts()
+        self.eval_prompts = list(task.eval_prompts())[: config.eval_max_prompts]
+        if not self.train_prompts:
+            raise ValueError(f"{type(task).__name__}.train_prompts() is empty")
+        self.pad_token_id = tokenizer.pad_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has no pad_token_id; set one to batch sequences")
+        self.clock = ActivityClock()
+        self.pushed_version = -1
+        self.version_changed: anyio.Event | None = None
+        self.push_futures: list[Any] = []
+        self.history: list[dict[str, Any]] = []
+
+    # -- data --
+
+    def prompts_for_step(self, step: int) -> list[tuple[int, TaskPrompt]]:
+        """The step's prompts: consecutive slices of a seeded permutation, one per epoch."""
+        count = len(self.train_prompts)
+        chosen = []
+        for i in range(
+            step * self.config.prompts_per_step, (step + 1) * self.config.prompts_per_step
+        ):
+            epoch, position = divmod(i, count)
+            order = random.Random(self.config.seed * 1_000_003 + epoch).sample(range(count), count)
+            chosen.append((order[position], self.train_prompts[order[position]]))
+        return chosen
+
+    def make_envs(self, prompt: TaskPrompt, count: int) -> list[Env]:
+        make_env = getattr(self.task, "make_env", None)
+        return [
+            make_env(prompt) if make_env else SingleTurnEnv(self.task, prompt) for _ in range(count)
+        ]
+
+    async def sample_groups(
+        self, indexed: Sequence[tuple[int, TaskPrompt]], seed: int
+    ) -> list[Group]:
+        size_G = self.config.group_size
+        envs = [env for _, prompt in indexed for env in self.make_envs(prompt, size_G)]
+        with self.clock.busy("sample"):
+            trajectories = await run_episodes(
+                self.engine,
+                self.tokenizer,
+                envs,
+                self.config.sampling_params(seed),
+                self.config.max_turns,
+            )
+        return [
+            Group(index, tuple(trajectories[g * size_G : (g + 1) * size_G]))
+            for g, (index, _) in enumerate(indexed)
+        ]
+
+    async def sample_step(self, step: int) -> _Rollout:
+        start_s = self.clock.wall_s()
+        groups = await self.sample_groups(self.prompts_for_step(step), self.step_seed(step, 0))
+        return _Rollout(step, groups, self.clock.wall_s() - start_s)
+
+    def step_seed(self, step: int, attempt: int) -> int:
+        return (self.config.seed * 1_000_003 + step) * STEP_SEED_STRIDE + attempt
+
+    # -- versions --
+
+    async def push_weights(self, version: int) -> None:
+        """Queue the trainer's weights on the engine; later samples see them (FIFO per engine)."""
+        weights = await self.backend.get_weights()
+        self.push_futures.append(self.engine.load_weights(weights, version))
+        self.pushed_version = version
+        if self.version_changed is not None:
+            self.version_changed.set()
+            self.version_changed = anyio.Event()
+
+    async def wait_for_version(self, version: int) -> None:
+        while self.pushed_version < version:
+            assert self.version_changed is not None, "created when the async loop starts"
+            await self.version_changed.wait()
+
+    async def drain_pushes(self) -> None:
+        for future in self.push_futures:
+            await future
+        self.push_futures.clear()
+
+    # -- training --
+
+    async def filter_groups(self, rollout: _Rollout, metrics: dict[str, Any]) -> list[Group]:
+        """Apply the staleness bound (drop or re-sample) and drop constant groups; count both."""
+        fresh, stale = split_by_staleness(
+            rollout.groups, rollout.step, self.config.max_steps_off_policy
+        )
+        metrics["groups_stale"] = len(stale)
+        if stale and self.config.stale_groups == "requeue":
+            indexed = [(g.prompt_index, self.train_prompts[g.prompt_index]) for g in stale]
+            fresh += await self.sample_groups(indexed, self.step_seed(rollout.step, 1))
+        lags = Counter(rollout.step - t.weight_version for g in fresh for t in g.trajectories)
+        metrics["staleness_hist"] = {str(lag): n for lag, n in sorted(lags.items())}
+        metrics["staleness_mean"] = _mean([float(lag) for lag in lags.elements()])
+        kinds = Counter(classify_group(g.rewards, self.config.success_reward) for g in fresh)
+        for kind in ("all_correct", "all_wrong", "mixed"):
+            metrics[f"frac_{kind}"] = kinds[kind] / max(1, len(fresh))
+        rewards = [r for g in fresh for r in g.rewards]
+        metrics["reward_mean"] = _mean(rewards)
+        metrics["reward_std"] = statistics.pstdev(rewards) if rewards else math.nan
+        kept = [
+            g for g in fresh if not (self.config.drop_constant_groups and len(set(g.rewards)) == 1)
+        ]
+        metrics["groups_constant_dropped"] = len(fresh) - len(kept)
+        metrics["groups_trained"] = len(kept)
+        return kept
+
+    async def train_on(self, groups: list[Group], metrics: dict[str, Any]) -> None:
+        trajectories = [t for g in groups for t in g.trajectories]
+        advantages = [
+            a
+            for g in groups
+            for a in group_advantages(g.rewards, self.config.normalize_advantages_by_std)
+        ]
+        batches = build_micro_batches(
+            trajectories, advantages, self.config.micro_batch_size, self.pad_token_id
+        )
+        with self.clock.busy("train"):
+            # All calls are queued before any is awaited; the forwards see the pre-step weights.
+            forwards = (
+                [self.backend.forward(b) for b in batches] if self.config.log_mismatch else []
+            )
+            backwards = [self.backend.forward_backward(b) for b in batches]
+            stepped = await self.backend.optim_step()
+            results = [await f for f in backwards]
+            forward_results = [await f for f in forwards]
+        token_weights = [r["token_weight"] for r in results]
+        metrics["loss"] = sum(
+            r["loss"] * w for r, w in zip(results, token_weights, strict=True)
+        ) / max(sum(token_weights), 1e-12)
+        metrics.update(lr=stepped["lr"], grad_norm=stepped["grad_norm"])
+        metrics["trained_tokens"] = stepped["num_tokens"]
+        if forward_results:
+            metrics.update(self.mismatch(batches, forward_results))
+
+    def mismatch(
+        self, batches: list[dict[str, torch.Tensor]], forward_results: list[dict]
+    ) -> dict[str, float]:
+        mask = torch.cat([b["loss_mask"].flatten() for b in batches])
+        sampler = torch.cat([b["sampling_logprobs"].flatten() for b in batches])
+        trainer = torch.cat([r["logprobs"].flatten() for r in forward_results])
+        return mismatch_metrics(
+            trainer, sampler, mask, self.config.ratio_clip_low, self.config.ratio_clip_high
+        )
+
+    async def train_step(self, rollout: _Rollout) -> dict[str, Any]:
+        step = rollout.step
+        start_s = self.clock.wall_s()
+        metrics: dict[str, Any] = {"step": step + 1, "phase": "rl"}
+        groups = await self.filter_groups(rollout, metrics)
+        generated = sum(t.num_generated_tokens for g in rollout.groups for t in g.trajectories)
+        if groups:
+            await self.train_on(groups, metrics)
+        else:  # nothing to learn from: the weights stay, the version still advances
+            metrics.update(loss=math.nan, grad_norm=0.0, trained_tokens=0)
+        await self.push_weights(step + 1)
+        metrics.update(self.timing(rollout, generated, start_s))
+        if self.should_eval(step + 1):
+            metrics.update(await self.evaluate())
+        if self.should_checkpoint(step + 1):
+            await self.save(step + 1)
+        self.log(metrics)
+        return metrics
+
+    def timing(self, rollout: _Rollout, generated_tokens: int, start_s: float) -> dict[str, float]:
+        train_time_s = self.clock.wall_s() - start_s
+        return {
+            "sample_time_s": rollout.sample_time_s,
+            "train_time_s": train_time_s,
+            "generated_tokens": generated_tokens,
+            "sample_tokens_per_s": generated_tokens / max(rollout.sample_time_s, 1e-9),
+            "wall_time_s": self.clock.wall_s(),
+            "sample_busy_s": self.clock.busy_s("sample"),
+            "train_busy_s": self.clock.busy_s("train"),
+            "overlap_frac": self.clock.overlap_frac(),
+        }
+
+    # -- evaluation, checkpoints, logging --
+
+    def should_eval(self, version: int) -> bool:
+        every = self.config.eval_every_steps
+        return every > 0 and (version % every == 0 or version == self.config.num_steps)
+
+    def should_checkpoint(self, version: int) -> bool:
+        every = self.config.checkpoint_every_steps
+        return version == self.config.num_steps or (every > 0 and version % every == 0)
+
+    async def evaluate(self) -> dict[str, float]:
+        """Greedy answers to the held-out prompts with the latest pushed weights."""
+        if not self.eval_prompts:
+            return {}
+        envs = [env for prompt in self.eval_prompts for env in self.make_envs(prompt, 1)]
+        greedy = dataclasses.replace(self.config.sampling_params(0), temperature=0.0)
+        trajectories = await run_episodes(
+            self.engine, self.tokenizer, envs, greedy, self.config.max_turns
+        )
+        rewards = [t.reward for t in trajectories]
+        return {
+            "eval_accuracy": _mean([float(r >= self.config.success_reward) for r in rewards]),
+            "eval_reward_mean": _mean(rewards),
+            "eval_version": self.pushed_version,
+        }
+
+    async def save(self, version: int) -> None:
+        path = await self.backend.save_checkpoint(version)
+        state = {"step": version, "config": dataclasses.asdict(self.config)}
+        state_path = _rl_state_path(path)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = state_path.with_suffix(".tmp")
+        tmp_path.write_text(json.dumps(state, indent=2))
+        os.replace(tmp_path, state_path)  # the state appears whole, after its checkpoint
+
+    async def resume(self) -> int:
+        """Load the newest checkpoint that has RL state; return the step to continue from."""
+        checkpoint_dir = getattr(self.backend, "checkpoint_dir", None)
+        if checkpoint_dir is None:
+            raise ValueError(f"{type(self.backend).__name__} has no checkpoint_dir to resume from")
+        states = sorted(Path(checkpoint_dir, RL_STATE_DIR).glob("step_*.json"))
+        for state_path in reversed(states):
+            step = int(json.loads(state_path.read_text())["step"])
+            path = checkpoint_path(checkpoint_dir, step)
+            if path.is_dir():
+                await self.backend.load_checkpoint(path)
+                return step
+        raise FileNotFoundError(f"resume=True but {checkpoint_dir} holds no RL checkpoint")
+
+    def log(self, metrics: dict[str, Any]) -> None:
+        self.history.append(metrics)
+        if self.logger is not None:
+            self.logger.log(metrics)
+
+
+def _rl_state_path(checkpoint: Path) -> Path:
+    return checkpoint.parent / RL_STATE_DIR / f"{checkpoint.name}.json"
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+async def run_rl_training(
+    backend: TrainingBackend,
+    engine: RolloutEngine,
+    task: Task,
+    config: RLTrainingConfig,
+    logger: Any = None,
+    tokenizer: Any = None,
+) -> list[dict[str, Any]]:
+    """Train `backend` on `task` with samples from `engine`; return the per-step metrics.
+
+    `tokenizer` (default: `engine.tokenizer`) renders chat prompts. `logger` is anything with
+    `log(dict)`, such as `JSONLLogger`. Works under asyncio and trio.
+    """
+    tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("run_rl_training needs a tokenizer (pass one, or use an engine that has)")
+    run = _RLRun(backend, engine, task, config, logger, tokenizer)
+    run.version_changed = anyio.Event()
+    start_step = await run.resume() if config.resume else 0
+    await run.push_weights(start_step)
+    if config.eval_every_steps > 0 and start_step == 0:
+        run.log({"step": 0, "phase": "rl", **await run.evaluate()})
+    if config.async_mode:
+        await _run_async(run, start_step)
+    else:
+        for step in range(start_step, config.num_steps):
+            await run.train_step(await run.sample_step(step))
+    await run.drain_pushes()
+    return run.history
+
+
+async def _run_async(run: _RLRun, start_step: int) -> None:
+    """Producer samples ahead (gated by weight version); the trainer consumes in step order."""
+    lag_max = run.config.max_steps_off_policy
+    send, receive = anyio.create_memory_object_stream[_Rollout](max_buffer_size=lag_max + 1)
+
+    async def produce() -> None:
+        async with send:
+            for step in range(start_step, run.config.num_steps):
+                await run.wait_for_version(step - lag_max)
+                await send.send(await run.sample_step(step))
+
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(produce)
+        async with receive:
+            for step in range(start_step, run.config.num_steps):
+                rollout = await receive.receive()
+                assert rollout.step == step, "rollouts arrive in step order"
+                await run.train_step(rollout)

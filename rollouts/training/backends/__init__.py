@@ -16,12 +16,14 @@ from rollouts.training.backends.pytorch_factory import (
 )
 
 __all__ = [
+    "FSDPTrainingBackend",
     "PyTorchTrainingBackend",
     "TrainingBackend",
     "compute_device_map_single_gpu",
     "create_adamw_optimizer",
     "create_backend_with_scheduler",
     "create_cross_entropy_loss",
+    "create_fsdp_backend",
     "create_pytorch_backend",
     "create_warmup_cosine_scheduler",
     "create_warmup_scheduler",
@@ -29,4 +31,21 @@ __all__ = [
     "list_checkpoints",
     "load_hf_model",
     "parse_dtype",
+    "shard_model",
 ]
+
+# The sharded backend imports torch.distributed's FSDP and checkpoint packages (about 0.7 s), so
+# it loads on first use: single-device users do not pay for it.
+_LAZY = {
+    "FSDPTrainingBackend": "rollouts.training.backends.fsdp",
+    "shard_model": "rollouts.training.backends.fsdp",
+    "create_fsdp_backend": "rollouts.training.backends.fsdp_factory",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -305,3 +305,16 @@ def test_constructor_rejects_bad_arguments(tiny_model_dir: Path, tmp_path: Path)
         PyTorchTrainingBackend(model, optimizer, loss_fn, tmp_path, "cuda:0")
     with pytest.raises(ValueError, match="max_grad_norm must be > 0"):
         PyTorchTrainingBackend(model, optimizer, loss_fn, tmp_path, "cpu", max_grad_norm=0.0)
+
+
+def test_num_threads_applies_to_the_worker_thread_only(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    caller_threads = torch.get_num_threads()
+    with build_backend(tiny_model_dir, tmp_path, num_threads=1) as backend:
+        assert backend._worker.submit("probe", torch.get_num_threads).wait() == 1
+        backend.forward_backward(make_batch(0))
+        assert backend.optim_step().wait()["step"] == 1
+    assert torch.get_num_threads() == caller_threads
+    with pytest.raises(ValueError, match="num_threads must be None"):
+        build_backend(tiny_model_dir, tmp_path, num_threads=0)

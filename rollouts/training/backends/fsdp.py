@@ -52,16 +52,20 @@ from torch.distributed.fsdp import (
 from torch.distributed.tensor import DTensor
 
 from rollouts.training._worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.training.backends._queued import (
+    QueuedBackend,
+    check_step_options,
+    require_save_pretrained,
+    thread_setup,
+)
 from rollouts.training.backends.checkpointing import (
     atomic_directory,
     capture_rng_state,
     checkpoint_path,
     restore_rng_state,
 )
-from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.backends.pytorch import _check_loss_scalar, _logits_of, _to_device
 from rollouts.training.distributed import World
-from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]
@@ -128,7 +132,7 @@ def shard_model(
     return model
 
 
-class FSDPTrainingBackend:
+class FSDPTrainingBackend(QueuedBackend):
     """A `shard_model`-ed model, its optimizer, loss and scheduler across ranks, behind futures.
 
     Build the optimizer over the sharded model's parameters. `max_grad_norm=None` disables
@@ -148,11 +152,9 @@ class FSDPTrainingBackend:
         *,
         normalization: str = "token_mean",
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
+        num_threads: int | None = None,
     ) -> None:
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        check_step_options(normalization, max_grad_norm)
         if not isinstance(model, FSDPModule):
             raise ValueError(
                 f"{type(model).__name__} is not sharded; call shard_model(model, world) and build "
@@ -173,52 +175,11 @@ class FSDPTrainingBackend:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._step = 0
         self._reset_accumulation()
-        # The current CUDA device is per thread: the worker sets its own.
-        setup = (
-            (lambda: torch.cuda.set_device(world.device)) if world.device.type == "cuda" else None
-        )
         self._worker = SerialWorker(
-            f"FSDPTrainingBackend[rank {world.rank}]", queue_depth_max, setup
+            f"FSDPTrainingBackend[rank {world.rank}]",
+            queue_depth_max,
+            thread_setup(num_threads, world.device),
         )
-
-    # -- the protocol: each call queues its body on the worker ------------------------------------
-
-    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward_backward", lambda: self._forward_backward(batch))
-
-    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward", lambda: self._forward(batch))
-
-    def optim_step(self) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("optim_step", self._optim_step)
-
-    def save_checkpoint(self, step: int) -> TrainFuture[Path]:
-        return self._worker.submit("save_checkpoint", lambda: self._save_checkpoint(step))
-
-    def load_checkpoint(self, path: str | Path) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("load_checkpoint", lambda: self._load_checkpoint(Path(path)))
-
-    def get_weights(self) -> TrainFuture[dict[str, torch.Tensor]]:
-        return self._worker.submit("get_weights", self._get_weights)
-
-    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
-        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path)))
-
-    def close(self) -> None:
-        self._worker.close()
-
-    def __enter__(self) -> FSDPTrainingBackend:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken (read it from a result to be in order with the stream)."""
-        return self._step
-
-    # -- bodies, run on the worker thread ---------------------------------------------------------
 
     def _forward_backward(self, batch: Batch) -> dict[str, Any]:
         batch = _to_device(batch, self.device)
@@ -258,16 +219,7 @@ class FSDPTrainingBackend:
         return {"loss": loss_mean, "num_tokens": int(num_tokens), "token_weight": token_weight}
 
     def _optim_step(self) -> dict[str, Any]:
-        if self._accum_calls == 0:
-            raise RuntimeError("optim_step with no forward_backward since the last step")
-        scale = 1.0
-        if self.normalization == "token_mean":
-            if self._accum_weight <= 0:
-                raise ValueError(
-                    f"optim_step: the {self._accum_calls} forward_backward call(s) since the last "
-                    "step carried no weighted token on any rank (every label -100 or loss_mask 0)"
-                )
-            scale = 1.0 / self._accum_weight
+        scale = self._normalisation_scale(self.normalization, " on any rank")
         grad_norm = _scale_and_clip_sharded(self._params, scale, self.max_grad_norm, self.device)
         if not math.isfinite(grad_norm):  # the norm is global, so every rank takes this branch
             self.optimizer.zero_grad(set_to_none=True)
@@ -384,12 +336,7 @@ class FSDPTrainingBackend:
         }
 
     def _export_hf(self, path: Path) -> Path:
-        save_pretrained = getattr(self.model, "save_pretrained", None)
-        if save_pretrained is None:
-            raise TypeError(
-                f"{type(self.model).__name__} has no save_pretrained; export_hf needs "
-                "a Hugging Face model"
-            )
+        save_pretrained = require_save_pretrained(self.model)
         full_state = self._get_weights()  # collective: every rank takes part
         if self.world.is_main:
             with atomic_directory(path) as tmp_path:
@@ -397,18 +344,6 @@ class FSDPTrainingBackend:
                 save_pretrained(tmp_path, state_dict=full_state)
         dist.barrier()  # the directory exists before any rank returns its path
         return path
-
-    def _reset_accumulation(self) -> None:
-        self._accum_weight = 0.0  # global token weight since the last step
-        self._accum_tokens = 0
-        self._accum_calls = 0
-
-    def _assert_no_pending_gradients(self, call: str) -> None:
-        if self._accum_calls:
-            raise RuntimeError(
-                f"{call}: {self._accum_calls} forward_backward call(s) have gradients not yet "
-                "applied; call optim_step first so the checkpoint resumes exactly"
-            )
 
 
 # -- pure pieces ----------------------------------------------------------------------------------

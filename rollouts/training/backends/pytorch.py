@@ -24,14 +24,18 @@ import torch
 from torch import nn
 
 from rollouts.training._worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.training.backends._queued import (
+    QueuedBackend,
+    check_step_options,
+    require_save_pretrained,
+    thread_setup,
+)
 from rollouts.training.backends.checkpointing import (
     atomic_directory,
     capture_rng_state,
     checkpoint_path,
     restore_rng_state,
 )
-from rollouts.training.backends.protocol import NORMALIZATIONS
-from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
 
 __all__ = ["PyTorchTrainingBackend", "validate_device"]
@@ -40,12 +44,13 @@ MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-class PyTorchTrainingBackend:
+class PyTorchTrainingBackend(QueuedBackend):
     """A model, its optimizer, loss and optional scheduler on one device, behind ordered futures.
 
     `max_grad_norm=None` disables clipping (the norm is still reported). `autocast_dtype`
     (bfloat16 or float16) runs the forward under `torch.autocast`; float16 adds a gradient scaler.
-    Without it, the model computes in its own dtype.
+    Without it, the model computes in its own dtype. `num_threads` sets the worker thread's
+    intra-op thread count (None: torch's default), e.g. 1 to leave a core to a rollout engine.
     """
 
     def __init__(
@@ -61,11 +66,9 @@ class PyTorchTrainingBackend:
         normalization: str = "token_mean",
         autocast_dtype: torch.dtype | None = None,
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
+        num_threads: int | None = None,
     ) -> None:
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        check_step_options(normalization, max_grad_norm)
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype={autocast_dtype}; must be None or {AUTOCAST_DTYPES}")
         self.device = validate_device(device)
@@ -82,44 +85,9 @@ class PyTorchTrainingBackend:
         self._params = [p for p in model.parameters() if p.requires_grad]
         self._step = 0
         self._reset_accumulation()
-        self._worker = SerialWorker("PyTorchTrainingBackend", queue_depth_max)
-
-    # -- the protocol: each call queues its body on the worker ------------------------------------
-
-    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward_backward", lambda: self._forward_backward(batch))
-
-    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward", lambda: self._forward(batch))
-
-    def optim_step(self) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("optim_step", self._optim_step)
-
-    def save_checkpoint(self, step: int) -> TrainFuture[Path]:
-        return self._worker.submit("save_checkpoint", lambda: self._save_checkpoint(step))
-
-    def load_checkpoint(self, path: str | Path) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("load_checkpoint", lambda: self._load_checkpoint(Path(path)))
-
-    def get_weights(self) -> TrainFuture[dict[str, torch.Tensor]]:
-        return self._worker.submit("get_weights", self._get_weights)
-
-    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
-        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path)))
-
-    def close(self) -> None:
-        self._worker.close()
-
-    def __enter__(self) -> PyTorchTrainingBackend:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken (read it from a result to be in order with the stream)."""
-        return self._step
+        self._worker = SerialWorker(
+            "PyTorchTrainingBackend", queue_depth_max, thread_setup(num_threads, self.device)
+        )
 
     # -- bodies, run on the worker thread ---------------------------------------------------------
 
@@ -159,16 +127,7 @@ class PyTorchTrainingBackend:
         }
 
     def _optim_step(self) -> dict[str, Any]:
-        if self._accum_calls == 0:
-            raise RuntimeError("optim_step with no forward_backward since the last step")
-        scale = 1.0
-        if self.normalization == "token_mean":
-            if self._accum_weight <= 0:
-                raise ValueError(
-                    f"optim_step: the {self._accum_calls} forward_backward call(s) since the last "
-                    "step carried no weighted token (every label -100 or loss_mask 0)"
-                )
-            scale = 1.0 / self._accum_weight
+        scale = self._normalisation_scale(self.normalization, "")
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
         grad_norm = _scale_and_clip(self._params, scale, self.max_grad_norm)
@@ -244,21 +203,14 @@ class PyTorchTrainingBackend:
         }
 
     def _export_hf(self, path: Path) -> Path:
-        save_pretrained = getattr(self.model, "save_pretrained", None)
-        if save_pretrained is None:
-            raise TypeError(
-                f"{type(self.model).__name__} has no save_pretrained; export_hf needs "
-                "a Hugging Face model"
-            )
+        save_pretrained = require_save_pretrained(self.model)
         with atomic_directory(path) as tmp_path:
             save_pretrained(tmp_path)
         return path
 
     def _reset_accumulation(self) -> None:
+        super()._reset_accumulation()
         self._reference_weight: float | None = None
-        self._accum_weight = 0.0  # sum of the relative weights since the last step
-        self._accum_tokens = 0
-        self._accum_calls = 0
 
     def _relative_weight(self, token_weight: float) -> float:
         """A call's token weight divided by the step's first non-zero one ("sum": not divided).
@@ -272,13 +224,6 @@ class PyTorchTrainingBackend:
         if self._reference_weight is None and token_weight > 0:
             self._reference_weight = token_weight
         return token_weight / self._reference_weight if self._reference_weight else 0.0
-
-    def _assert_no_pending_gradients(self, call: str) -> None:
-        if self._accum_calls:
-            raise RuntimeError(
-                f"{call}: {self._accum_calls} forward_backward call(s) have gradients not yet "
-                "applied; call optim_step first so the checkpoint resumes exactly"
-            )
 
     def _autocast(self) -> AbstractContextManager[Any]:
         if self.autocast_dtype is None:

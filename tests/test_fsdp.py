@@ -120,6 +120,7 @@ def _train_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     eval_batch = global_micro_batches(99)[1]
     seen["forward"] = backend.forward(rank_slice(eval_batch, rank)).wait()
     seen["weights"] = backend.get_weights().wait()
+    seen["weights_all_ranks"] = backend.get_weights(all_ranks=True).wait()
 
     path = backend.save_checkpoint(NUM_STEPS).wait()
     seen["checkpoint_files"] = sorted(str(p.relative_to(path)) for p in path.rglob("*"))
@@ -235,6 +236,8 @@ def test_two_ranks_equal_the_single_device_backend_on_the_whole_batch(
     assert rank1["results"] == rank0["results"]  # results are global, the same on every rank
     assert max_param_diff(rank0["weights"], reference["weights"]) < 1e-5
     assert rank1["weights"] == {}  # get_weights gathers to rank 0 only
+    for rank in (rank0, rank1):  # ...unless every rank asks for its own copy
+        assert max_param_diff(rank["weights_all_ranks"], rank0["weights"]) == 0.0
     # The check is about a model that moved, with clipping at work.
     initial = load_hf_model(tiny_model_dir, torch.float32, None).state_dict()
     assert max_param_diff(rank0["weights"], initial) > 1e-3

@@ -16,7 +16,8 @@ batch give the update of `PyTorchTrainingBackend` on the whole batch (to float32
 
 Results are global and identical on every rank: "loss" is the weighted mean over all ranks' slices
 of the call, "num_tokens" and "token_weight" are summed over ranks (only `forward`'s "logprobs" are
-this rank's rows). `get_weights` returns the full state dict on rank 0 and `{}` on the others.
+this rank's rows). `get_weights()` returns the full state dict on rank 0 and `{}` on the others;
+`get_weights(all_ranks=True)` gives every rank its own full copy (each rank's rollout engine).
 
 Rules for callers: every rank submits the same calls in the same order (each call runs collectives);
 a rank may pass a slice with no weighted token but must still make the call. Collectives are bounded
@@ -66,6 +67,7 @@ from rollouts.training.backends.checkpointing import (
 )
 from rollouts.training.backends.pytorch import _check_loss_scalar, _logits_of, _to_device
 from rollouts.training.distributed import World
+from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]
@@ -317,10 +319,16 @@ class FSDPTrainingBackend(QueuedBackend):
                     f"not a checkpoint directory: {path} (rank {rank} is missing {rank_missing})"
                 )
 
-    def _get_weights(self) -> dict[str, torch.Tensor]:
-        """The full state dict on rank 0 (gathered over ranks, on CPU); `{}` on other ranks."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    def get_weights(self, *, all_ranks: bool = False) -> TrainFuture[dict[str, torch.Tensor]]:
+        """The full weights on CPU: on rank 0 only (`{}` elsewhere), or on every rank."""
+        return self._worker.submit("get_weights", lambda: self._get_weights(all_ranks))
+
+    def _get_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
+        """The full state dict, gathered over ranks onto CPU, on rank 0 (or on all ranks)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
         full = get_model_state_dict(self.model, options=options)
+        if all_ranks:  # gathered on each rank's device: copy to CPU
+            return {name: tensor.detach().to("cpu", copy=True) for name, tensor in full.items()}
         if not self.world.is_main:
             assert not full, "full_state_dict with cpu_offload fills rank 0 only"
             return {}

@@ -46,11 +46,13 @@ from rollouts.rl.metrics import ActivityClock, mismatch_metrics
 from rollouts.tasks.protocol import Env, SingleTurnEnv, Task, TaskPrompt
 from rollouts.training.backends.checkpointing import checkpoint_path
 from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.losses import IGNORE_INDEX
 
 __all__ = ["RLTrainingConfig", "run_rl_training"]
 
 STALE_POLICIES = ("drop", "requeue")
 STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
+RANK_SEED_STRIDE = 1_000_000_007  # each data-parallel rank samples with its own seeds
 RL_STATE_DIR = "rl_state"
 
 
@@ -146,6 +148,17 @@ class _RLRun:
         self.pad_token_id = tokenizer.pad_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has no pad_token_id; set one to batch sequences")
+        # Data parallel (a sharded backend): each rank samples and trains on its share of the
+        # step's prompts with its own engine; the backend normalises over all ranks.
+        world = getattr(backend, "world", None)
+        self.rank, self.world_size = (world.rank, world.world_size) if world else (0, 1)
+        if config.prompts_per_step % self.world_size:
+            raise ValueError(
+                f"RLTrainingConfig.prompts_per_step={config.prompts_per_step} must be a multiple "
+                f"of the {self.world_size} ranks"
+            )
+        rows_per_rank = config.prompts_per_step // self.world_size * config.group_size
+        self.micro_batches_per_rank = math.ceil(rows_per_rank / config.micro_batch_size)
         self.clock = ActivityClock()
         self.pushed_version = -1
         self.version_changed: anyio.Event | None = None
@@ -155,7 +168,7 @@ class _RLRun:
     # -- data --
 
     def prompts_for_step(self, step: int) -> list[tuple[int, TaskPrompt]]:
-        """The step's prompts: consecutive slices of a seeded permutation, one per epoch."""
+        """The step's prompts (this rank's share): slices of a seeded permutation per epoch."""
         count = len(self.train_prompts)
         chosen = []
         for i in range(
@@ -164,7 +177,7 @@ class _RLRun:
             epoch, position = divmod(i, count)
             order = random.Random(self.config.seed * 1_000_003 + epoch).sample(range(count), count)
             chosen.append((order[position], self.train_prompts[order[position]]))
-        return chosen
+        return chosen[self.rank :: self.world_size]
 
     def make_envs(self, prompt: TaskPrompt, count: int) -> list[Env]:
         make_env = getattr(self.task, "make_env", None)
@@ -196,13 +209,17 @@ class _RLRun:
         return _Rollout(step, groups, self.clock.wall_s() - start_s)
 
     def step_seed(self, step: int, attempt: int) -> int:
-        return (self.config.seed * 1_000_003 + step) * STEP_SEED_STRIDE + attempt
+        base = (self.config.seed * 1_000_003 + step) * STEP_SEED_STRIDE + attempt
+        return base + self.rank * RANK_SEED_STRIDE
 
     # -- versions --
 
     async def push_weights(self, version: int) -> None:
         """Queue the trainer's weights on the engine; later samples see them (FIFO per engine)."""
-        weights = await self.backend.get_weights()
+        if self.world_size > 1:  # every rank's engine needs the full weights
+            weights = await self.backend.get_weights(all_ranks=True)  # type: ignore[call-arg]
+        else:
+            weights = await self.backend.get_weights()
         self.push_futures.append(self.engine.load_weights(weights, version))
         self.pushed_version = version
         if self.version_changed is not None:
@@ -239,9 +256,10 @@ class _RLRun:
         rewards = [r for g in fresh for r in g.rewards]
         metrics["reward_mean"] = _mean(rewards)
         metrics["reward_std"] = statistics.pstdev(rewards) if rewards else math.nan
-        kept = [
-            g for g in fresh if not (self.config.drop_constant_groups and len(set(g.rewards)) == 1)
-        ]
+        # With several ranks every rank must make the same calls, so nothing is dropped here:
+        # a constant group has zero advantage and adds nothing to the policy gradient anyway.
+        drop = self.config.drop_constant_groups and self.world_size == 1
+        kept = [g for g in fresh if not (drop and len(set(g.rewards)) == 1)]
         metrics["groups_constant_dropped"] = len(fresh) - len(kept)
         metrics["groups_trained"] = len(kept)
         return kept
@@ -256,6 +274,9 @@ class _RLRun:
         batches = build_micro_batches(
             trajectories, advantages, self.config.micro_batch_size, self.pad_token_id
         )
+        if self.world_size > 1:  # every rank makes the same number of calls (they are collective)
+            assert len(batches) <= self.micro_batches_per_rank, "at most the rank's share"
+            batches += [self.empty_batch()] * (self.micro_batches_per_rank - len(batches))
         with self.clock.busy("train"):
             # All calls are queued before any is awaited; the forwards see the pre-step weights.
             forwards = (
@@ -274,6 +295,18 @@ class _RLRun:
         if forward_results:
             metrics.update(self.mismatch(batches, forward_results))
 
+    def empty_batch(self) -> dict[str, torch.Tensor]:
+        """A one-row batch that carries no token weight: a rank's filler call."""
+        shape = (1, 2)
+        return {
+            "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),
+            "labels": torch.full(shape, IGNORE_INDEX, dtype=torch.long),
+            "attention_mask": torch.ones(shape, dtype=torch.long),
+            "loss_mask": torch.zeros(shape),
+            "advantages": torch.zeros(shape),
+            "sampling_logprobs": torch.zeros(shape),
+        }
+
     def mismatch(
         self, batches: list[dict[str, torch.Tensor]], forward_results: list[dict]
     ) -> dict[str, float]:
@@ -290,7 +323,7 @@ class _RLRun:
         metrics: dict[str, Any] = {"step": step + 1, "phase": "rl"}
         groups = await self.filter_groups(rollout, metrics)
         generated = sum(t.num_generated_tokens for g in rollout.groups for t in g.trajectories)
-        if groups:
+        if groups or self.world_size > 1:
             await self.train_on(groups, metrics)
         else:  # nothing to learn from: the weights stay, the version still advances
             metrics.update(loss=math.nan, grad_norm=0.0, trained_tokens=0)
@@ -327,8 +360,8 @@ class _RLRun:
         return version == self.config.num_steps or (every > 0 and version % every == 0)
 
     async def evaluate(self) -> dict[str, float]:
-        """Greedy answers to the held-out prompts with the latest pushed weights."""
-        if not self.eval_prompts:
+        """Greedy answers to the held-out prompts with the latest pushed weights (rank 0)."""
+        if not self.eval_prompts or self.rank != 0:
             return {}
         envs = [env for prompt in self.eval_prompts for env in self.make_envs(prompt, 1)]
         greedy = dataclasses.replace(self.config.sampling_params(0), temperature=0.0)
@@ -343,7 +376,9 @@ class _RLRun:
         }
 
     async def save(self, version: int) -> None:
-        path = await self.backend.save_checkpoint(version)
+        path = await self.backend.save_checkpoint(version)  # every rank takes part
+        if self.rank != 0:
+            return
         state = {"step": version, "config": dataclasses.asdict(self.config)}
         state_path = _rl_state_path(path)
         state_path.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +402,7 @@ class _RLRun:
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)
-        if self.logger is not None:
+        if self.logger is not None and self.rank == 0:
             self.logger.log(metrics)
 
 

@@ -21,7 +21,7 @@ from rollouts.rl.batching import (
     split_by_staleness,
 )
 from rollouts.rl.episodes import Trajectory, render_prompt_ids, run_episodes
-from rollouts.rl.metrics import ActivityClock, mismatch_metrics
+from rollouts.rl.metrics import ActivityClock
 from rollouts.tasks.protocol import SingleTurnEnv, StepResult, TaskPrompt
 from rollouts.training.futures import TrainFuture
 
@@ -84,18 +84,6 @@ def test_build_micro_batches_aligns_labels_masks_and_advantages() -> None:
     )
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 0, 0]]
     assert len(build_micro_batches([a, b, a], [0, 0, 0], micro_batch_size=2, pad_token_id=0)) == 2
-
-
-def test_mismatch_metrics_by_hand() -> None:
-    trainer = torch.tensor([[-1.0, -2.0, -0.5]])
-    sampler = torch.tensor([[-1.0, -1.0, -9.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0]])
-    metrics = mismatch_metrics(trainer, sampler, mask, 0.8, 1.2)
-    rho = math.exp(-1.0)
-    assert metrics["kl_sampler_trainer"] == pytest.approx((0.0 + (rho - 1 + 1.0)) / 2)
-    assert metrics["clip_frac"] == 0.5
-    assert metrics["entropy"] == pytest.approx(1.0)
-    assert metrics["ratio_p50"] == pytest.approx((1 + rho) / 2)
 
 
 def test_activity_clock_overlap() -> None:

@@ -1,5 +1,4 @@
-"""RL diagnostics: sampler/trainer mismatch on the same tokens, and how much sampling and training
-overlapped in wall time."""
+"""How much sampling and training overlapped in wall time."""
 
 from __future__ import annotations
 
@@ -7,43 +6,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
-
-__all__ = ["ActivityClock", "mismatch_metrics"]
-
-RATIO_QUANTILES = (0.1, 0.5, 0.9)
-
-
-def mismatch_metrics(
-    trainer_logprobs_BT: torch.Tensor,
-    sampling_logprobs_BT: torch.Tensor,
-    mask_BT: torch.Tensor,
-    clip_low: float,
-    clip_high: float,
-) -> dict[str, float]:
-    """Compare the trainer's and the sampler's log-probs of the sampled tokens (where mask > 0).
-
-    kl_sampler_trainer: the k3 estimate of KL(sampler || trainer), mean of (rho - 1) - log(rho)
-        with rho = p_trainer / p_sampler; >= 0 for each token, 0 when they agree.
-    ratio_pXX: quantiles of rho; clip_frac: fraction of tokens with rho outside [low, high];
-    entropy: the Monte-Carlo estimate -mean(log p_sampler) of the sampling distribution's entropy.
-    """
-    selected = mask_BT > 0
-    if not selected.any():
-        return {}
-    trainer = trainer_logprobs_BT[selected].double()
-    sampler = sampling_logprobs_BT[selected].double()
-    log_ratio = trainer - sampler
-    ratio = log_ratio.exp()
-    metrics = {
-        "kl_sampler_trainer": float((ratio - 1 - log_ratio).mean()),
-        "clip_frac": float(((ratio < clip_low) | (ratio > clip_high)).double().mean()),
-        "entropy": float(-sampler.mean()),
-    }
-    quantiles = torch.quantile(ratio, torch.tensor(RATIO_QUANTILES, dtype=torch.float64))
-    for q, value in zip(RATIO_QUANTILES, quantiles.tolist(), strict=True):
-        metrics[f"ratio_p{round(q * 100):02d}"] = value
-    return metrics
+__all__ = ["ActivityClock"]
 
 
 class ActivityClock:

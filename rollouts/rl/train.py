@@ -42,11 +42,11 @@ from rollouts.rl.batching import (
     split_by_staleness,
 )
 from rollouts.rl.episodes import run_episodes
-from rollouts.rl.metrics import ActivityClock, mismatch_metrics
+from rollouts.rl.metrics import ActivityClock
 from rollouts.tasks.protocol import Env, SingleTurnEnv, Task, TaskPrompt
 from rollouts.training.backends.checkpointing import checkpoint_path
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.losses import IGNORE_INDEX
+from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
 
 __all__ = ["RLTrainingConfig", "run_rl_training"]
 
@@ -310,12 +310,16 @@ class _RLRun:
     def mismatch(
         self, batches: list[dict[str, torch.Tensor]], forward_results: list[dict]
     ) -> dict[str, float]:
+        """Trainer vs sampler on the sampled tokens, and the sampler's entropy estimate."""
         mask = torch.cat([b["loss_mask"].flatten() for b in batches])
         sampler = torch.cat([b["sampling_logprobs"].flatten() for b in batches])
         trainer = torch.cat([r["logprobs"].flatten() for r in forward_results])
-        return mismatch_metrics(
+        stats = ratio_diagnostics(
             trainer, sampler, mask, self.config.ratio_clip_low, self.config.ratio_clip_high
         )
+        # Monte-Carlo: the mean of -log q over tokens drawn from q estimates q's entropy.
+        stats["entropy"] = float(weighted_mean(-sampler, mask))
+        return stats
 
     async def train_step(self, rollout: _Rollout) -> dict[str, Any]:
         step = rollout.step

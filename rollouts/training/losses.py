@@ -42,6 +42,7 @@ __all__ = [
     "make_importance_sampling_loss",
     "make_ppo_loss",
     "make_rl_loss",
+    "ratio_diagnostics",
     "rl_diagnostics",
     "token_weights",
     "weighted_mean",
@@ -297,46 +298,56 @@ RATIO_QUANTILES = (0.05, 0.5, 0.95)
 
 
 @torch.no_grad()
-def rl_diagnostics(
-    logits: torch.Tensor,
-    batch: Batch,
+def ratio_diagnostics(
+    logprobs_BT: torch.Tensor,
+    sampling_logprobs_BT: torch.Tensor,
+    weights_BT: torch.Tensor,
     clip_low: float = PPO_CLIP_LOW_DEFAULT,
     clip_high: float = PPO_CLIP_HIGH_DEFAULT,
 ) -> dict[str, float]:
-    """Per-token statistics of an RL batch as plain floats, over the tokens with weight > 0.
+    """How far the trainer (logp) is from the sampler (q) on the tokens with weight > 0.
 
     - `ratio_p05`, `ratio_p50`, `ratio_p95`, `ratio_max`: quantiles of r = p_theta / q.
     - `clip_fraction`: share of tokens whose r lies outside [clip_low, clip_high].
     - `kl_sampler_trainer`: k3 estimate of KL(q || p_theta) on the sampled tokens,
       mean of (r - 1) - log r; 0 when trainer and sampler agree.
     - `kl_sampler_trainer_k1`: mean of log q - log p_theta (unbiased, can be negative).
-    - `entropy`: mean entropy (nats) of the trainer's full next-token distribution.
-    Weighted means use `token_weights(batch)`; quantiles count each valid token once.
+    Weighted means use `weights_BT`; quantiles count each valid token once. All NaN when no token
+    has weight.
     """
-    labels = batch["labels"]
-    weights_BT = token_weights(batch)
     valid_BT = weights_BT > 0
-    logprobs_BTV = torch.log_softmax(logits.detach().float(), dim=-1)
-    logp_BT = logprobs_BTV.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    sampling_BT = _require(batch, "sampling_logprobs", "diagnostics", labels)
-    log_ratio_BT = torch.where(valid_BT, logp_BT - sampling_BT, 0.0).clamp(max=_LOG_RATIO_MAX)
-    ratio_BT = torch.exp(log_ratio_BT)
-    entropy_BT = -(logprobs_BTV.exp() * logprobs_BTV).nan_to_num().sum(-1)
+    names = ["ratio_p05", "ratio_p50", "ratio_p95", "ratio_max", "clip_fraction"]
     if not bool(valid_BT.any()):
-        nan = float("nan")
-        names = ["ratio_p05", "ratio_p50", "ratio_p95", "ratio_max", "clip_fraction"]
-        names += ["kl_sampler_trainer", "kl_sampler_trainer_k1", "entropy"]
-        return dict.fromkeys(names, nan)
+        return dict.fromkeys([*names, "kl_sampler_trainer", "kl_sampler_trainer_k1"], float("nan"))
+    log_ratio_BT = torch.where(valid_BT, logprobs_BT.float() - sampling_logprobs_BT.float(), 0.0)
+    log_ratio_BT = log_ratio_BT.clamp(max=_LOG_RATIO_MAX)
+    ratio_BT = torch.exp(log_ratio_BT)
     ratios = ratio_BT[valid_BT]
     quantiles = torch.quantile(ratios, torch.tensor(RATIO_QUANTILES, dtype=ratios.dtype))
     clipped_BT = ((ratio_BT < clip_low) | (ratio_BT > clip_high)).float()
-    return {
-        "ratio_p05": float(quantiles[0]),
-        "ratio_p50": float(quantiles[1]),
-        "ratio_p95": float(quantiles[2]),
-        "ratio_max": float(ratios.max()),
-        "clip_fraction": float((clipped_BT[valid_BT]).mean()),
-        "kl_sampler_trainer": float(weighted_mean(ratio_BT - 1 - log_ratio_BT, weights_BT)),
-        "kl_sampler_trainer_k1": float(weighted_mean(-log_ratio_BT, weights_BT)),
-        "entropy": float(weighted_mean(entropy_BT, weights_BT)),
-    }
+    values = [*quantiles.tolist(), ratios.max(), clipped_BT[valid_BT].mean()]
+    stats = {name: float(value) for name, value in zip(names, values, strict=True)}
+    stats["kl_sampler_trainer"] = float(weighted_mean(ratio_BT - 1 - log_ratio_BT, weights_BT))
+    stats["kl_sampler_trainer_k1"] = float(weighted_mean(-log_ratio_BT, weights_BT))
+    return stats
+
+
+@torch.no_grad()
+def rl_diagnostics(
+    logits: torch.Tensor,
+    batch: Batch,
+    clip_low: float = PPO_CLIP_LOW_DEFAULT,
+    clip_high: float = PPO_CLIP_HIGH_DEFAULT,
+) -> dict[str, float]:
+    """`ratio_diagnostics` of an RL batch from its logits, plus `entropy`: the weighted mean
+    entropy (nats) of the trainer's full next-token distribution. Plain floats, no gradient."""
+    labels = batch["labels"]
+    weights_BT = token_weights(batch)
+    logprobs_BTV = torch.log_softmax(logits.detach().float(), dim=-1)
+    logp_BT = logprobs_BTV.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    sampling_BT = _require(batch, "sampling_logprobs", "diagnostics", labels)
+    stats = ratio_diagnostics(logp_BT, sampling_BT, weights_BT, clip_low, clip_high)
+    entropy_BT = -(logprobs_BTV.exp() * logprobs_BTV).nan_to_num().sum(-1)
+    has_weight = bool((weights_BT > 0).any())
+    stats["entropy"] = float(weighted_mean(entropy_BT, weights_BT)) if has_weight else float("nan")
+    return stats

@@ -1,0 +1,201 @@
+"""Multi-digit addition in chat form: the task family shared by the SFT demo and the RL stage.
+
+A question is the user message `"37+48"`; the answer is the assistant message `"85"`. Operands are
+uniform in [0, 10**num_digits). Every pair (a, b) belongs to exactly one split by a stable hash of
+the pair, so the held-out splits ("val", "test") never share a question with "train", whatever
+seeds or sizes are asked for:
+
+    crc32("a+b") % 10 == 0 -> "val",   == 5 -> "test",   otherwise -> "train"
+
+`reward` is exact match (1.0 or 0.0) of the stripped completion, where the completion is the text
+a model generated after the assistant turn started, up to EOS. `evaluate_accuracy` is greedy
+decoding of a Hugging Face causal LM, batched, on any list of examples.
+"""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from rollouts.tasks.protocol import TaskPrompt
+
+__all__ = [
+    "SPLITS",
+    "AdditionExample",
+    "AdditionTask",
+    "answer_for",
+    "evaluate_accuracy",
+    "generate_examples",
+    "reward",
+    "split_of",
+]
+
+SPLITS = ("train", "val", "test")
+_HASH_BUCKETS = 10
+_SPLIT_SALT = {"train": 0, "val": 1, "test": 2}  # seeds of different splits never coincide
+_TRIES_PER_EXAMPLE_MAX = 200  # sampling without replacement gives up loudly past this
+
+
+@dataclass(frozen=True)
+class AdditionExample:
+    """One question `a+b` and its answer."""
+
+    a: int
+    b: int
+
+    @property
+    def prompt(self) -> str:
+        return f"{self.a}+{self.b}"
+
+    @property
+    def answer(self) -> str:
+        return str(self.a + self.b)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The full chat example (user question, assistant answer), as SFT data stores it."""
+        return [
+            {"role": "user", "content": self.prompt},
+            {"role": "assistant", "content": self.answer},
+        ]
+
+    def task_prompt(self) -> TaskPrompt:
+        """The question alone, as an RL task hands it to a policy."""
+        return TaskPrompt(
+            messages=({"role": "user", "content": self.prompt},),
+            answer=self.answer,
+            prompt_id=self.prompt,
+        )
+
+
+def split_of(a: int, b: int) -> str:
+    """The split the pair (a, b) belongs to; see the module docstring."""
+    bucket = zlib.crc32(f"{a}+{b}".encode()) % _HASH_BUCKETS
+    return "val" if bucket == 0 else "test" if bucket == 5 else "train"
+
+
+def generate_examples(
+    split: str, num_examples: int, seed: int, num_digits: int = 3
+) -> list[AdditionExample]:
+    """`num_examples` distinct questions of `split`, drawn reproducibly from `seed`."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; must be one of {SPLITS}")
+    if not 1 <= num_digits <= 9:
+        raise ValueError(f"num_digits={num_digits}; must lie in [1, 9]")
+    if num_examples < 0:
+        raise ValueError(f"num_examples={num_examples}; must be >= 0")
+    rng = random.Random(seed * len(SPLITS) + _SPLIT_SALT[split])
+    high = 10**num_digits
+    seen: set[tuple[int, int]] = set()
+    examples: list[AdditionExample] = []
+    for _ in range(num_examples * _TRIES_PER_EXAMPLE_MAX):
+        if len(examples) == num_examples:
+            break
+        a, b = rng.randrange(high), rng.randrange(high)
+        if (a, b) in seen or split_of(a, b) != split:
+            continue
+        seen.add((a, b))
+        examples.append(AdditionExample(a, b))
+    if len(examples) < num_examples:
+        raise ValueError(
+            f"could draw only {len(examples)} distinct {split!r} questions with {num_digits} "
+            f"digit(s); ask for fewer than {num_examples} or use more digits"
+        )
+    return examples
+
+
+def answer_for(prompt: str) -> str:
+    """The correct answer to a question `"a+b"`; ValueError naming the prompt otherwise."""
+    left, sep, right = prompt.strip().partition("+")
+    if not sep or not left.isdigit() or not right.isdigit():
+        raise ValueError(f"not an addition question: {prompt!r} (expected 'a+b', digits only)")
+    return str(int(left) + int(right))
+
+
+def reward(prompt: str | TaskPrompt, completion: str) -> float:
+    """1.0 when the stripped completion is exactly the answer, else 0.0."""
+    question = prompt if isinstance(prompt, str) else prompt.messages[-1]["content"]
+    return 1.0 if completion.strip() == answer_for(question) else 0.0
+
+
+class AdditionTask:
+    """The `Task` protocol over fixed train and held-out ("val" by default) question lists."""
+
+    def __init__(
+        self,
+        train: Sequence[AdditionExample],
+        held_out: Sequence[AdditionExample],
+    ) -> None:
+        self._train = [example.task_prompt() for example in train]
+        self._held_out = [example.task_prompt() for example in held_out]
+
+    def train_prompts(self) -> Sequence[TaskPrompt]:
+        return self._train
+
+    def eval_prompts(self) -> Sequence[TaskPrompt]:
+        return self._held_out
+
+    def reward(self, prompt: TaskPrompt, completion: str) -> float:
+        return reward(prompt, completion)
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[AdditionExample | TaskPrompt],
+    batch_size: int = 128,
+    max_new_tokens: int = 12,
+) -> float:
+    """Fraction of `examples` a model answers exactly, by greedy decoding (batched generate)."""
+    if not examples:
+        raise ValueError("evaluate_accuracy needs at least one example")
+    prompts = [e.task_prompt() if isinstance(e, AdditionExample) else e for e in examples]
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0.0
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            completions = greedy_completions(model, tokenizer, chunk, device, max_new_tokens)
+            correct += sum(reward(p, c) for p, c in zip(chunk, completions, strict=True))
+    finally:
+        model.train(was_training)
+    return correct / len(prompts)
+
+
+def greedy_completions(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[TaskPrompt],
+    device: torch.device,
+    max_new_tokens: int,
+) -> list[str]:
+    """The text each prompt's greedy continuation holds after the assistant turn, up to EOS."""
+    texts = [
+        tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
+    # Left padding lines the prompts' ends up, so every continuation starts at the same column.
+    encoded = tokenizer(
+        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
+    ).to(device)
+    output_ids = model.generate(
+        **encoded,
+        do_sample=False,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    new_ids = output_ids[:, encoded["input_ids"].shape[1] :].tolist()
+    completions = []
+    for row in new_ids:
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        completions.append(tokenizer.decode(row, skip_special_tokens=True))
+    return completions

@@ -1,0 +1,215 @@
+"""The shared training and validation loops, driven through any `TrainingBackend`'s futures.
+
+`run_training_epoch` runs a sequence of optimizer steps (an epoch, or the part of one between two
+evaluations); each step is one or more micro-batches followed by one `optim_step`. It is
+pipelined: step k+1's calls are queued before step k's results are awaited, so the backend always
+has the next step in hand while the host collates data, logs and checks the previous one. The loop
+reads only the floats the backend already returns; it never forces a device sync of its own.
+
+`run_validation_epoch` queues `forward` calls (a bounded window ahead) and returns the
+token-weighted mean loss and its perplexity. An empty validation set returns
+`{"loss": inf, "perplexity": inf, "num_tokens": 0}`: "no evidence" compares as worse than any
+real loss, so early stopping never mistakes it for an improvement.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.futures import TrainFuture
+from rollouts.training.losses import Batch
+
+__all__ = [
+    "PERPLEXITY_MAX",
+    "NonFiniteLossError",
+    "StepResult",
+    "TrainStep",
+    "calculate_perplexity",
+    "run_training_epoch",
+    "run_validation_epoch",
+]
+
+PERPLEXITY_MAX = 1e6
+FORWARD_WINDOW = 8  # validation forwards queued ahead of the one awaited
+STEP_CALLS_IN_FLIGHT_MAX = 16  # forward_backward calls of one step queued before awaiting some
+SUBMIT_AHEAD_MAX = 2  # steps queued beyond the awaited one; bounds the backend queue depth
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A training loss (or gradient norm) was NaN or infinite; the run stopped at that step."""
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One optimizer step's micro-batches, with host-side counts for throughput."""
+
+    index: int  # the optimizer step number this step becomes (1-based), for messages
+    micro_batches: Sequence[Batch]
+    num_examples: int
+    num_input_tokens: int  # non-padding input positions over all micro-batches
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step did, as the backend reported it, plus wall-clock figures."""
+
+    step: int  # the backend's optimizer step count after this step
+    loss: float  # token-weighted mean over the step's micro-batches
+    lr: float
+    grad_norm: float
+    num_loss_tokens: int
+    num_input_tokens: int
+    num_examples: int
+    step_time_s: float  # wall time since the previous step finished (or since submission)
+
+    def metrics(self) -> dict[str, float | int]:
+        return {
+            "step": self.step,
+            "loss": self.loss,
+            "lr": self.lr,
+            "grad_norm": self.grad_norm,
+            "num_loss_tokens": self.num_loss_tokens,
+            "num_input_tokens": self.num_input_tokens,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.num_input_tokens / max(self.step_time_s, 1e-9),
+            "examples_per_s": self.num_examples / max(self.step_time_s, 1e-9),
+        }
+
+
+def calculate_perplexity(loss: float) -> float:
+    """exp(loss), capped at `PERPLEXITY_MAX`; inf for an infinite loss, NaN for NaN."""
+    if math.isnan(loss):
+        return math.nan
+    if loss == math.inf:
+        return math.inf
+    if loss >= math.log(PERPLEXITY_MAX):  # also keeps exp() from overflowing
+        return PERPLEXITY_MAX
+    return math.exp(loss)
+
+
+@dataclass
+class _Submitted:
+    step: TrainStep
+    forward_backward: list[TrainFuture[dict[str, Any]]]
+    optim_step: TrainFuture[dict[str, Any]]
+    early_results: list[dict[str, Any]]  # forward_backward results awaited during submission
+
+
+async def run_training_epoch(
+    backend: TrainingBackend,
+    steps: Iterable[TrainStep],
+    on_step: Callable[[StepResult], None] | None = None,
+    submit_ahead: int = 1,
+) -> dict[str, Any]:
+    """Run `steps`; return {"loss": token-weighted mean, "num_steps", "results"}.
+
+    `submit_ahead` steps are queued beyond the one being awaited: 1 (the default) keeps the
+    backend busy while the host handles the previous step; 0 is the plain blocking loop (submit,
+    await, repeat), from the same calls. `on_step` is called with each `StepResult` as soon as it
+    is known (for logging). A NaN or infinite loss or gradient norm raises `NonFiniteLossError`
+    naming the step.
+    """
+    if not 0 <= submit_ahead <= SUBMIT_AHEAD_MAX:
+        raise ValueError(f"submit_ahead={submit_ahead}; must lie in [0, {SUBMIT_AHEAD_MAX}]")
+    results: list[StepResult] = []
+    pending: deque[_Submitted] = deque()
+    last_done_s = time.perf_counter()
+
+    async def finish_oldest() -> None:
+        nonlocal last_done_s
+        result, last_done_s = await _finish_step(pending.popleft(), last_done_s)
+        results.append(result)
+        if on_step is not None:
+            on_step(result)
+
+    for step in steps:
+        pending.append(await _submit_step(backend, step))
+        while len(pending) > submit_ahead:
+            await finish_oldest()
+    while pending:
+        await finish_oldest()
+    total_tokens = sum(r.num_loss_tokens for r in results)
+    mean_loss = (
+        sum(r.loss * r.num_loss_tokens for r in results) / total_tokens
+        if total_tokens
+        else math.nan
+    )
+    return {"loss": mean_loss, "num_steps": len(results), "results": results}
+
+
+async def _submit_step(backend: TrainingBackend, step: TrainStep) -> _Submitted:
+    """Queue a step's forward_backward calls and its optim_step, awaiting only to bound depth."""
+    assert step.micro_batches, "a training step needs at least one micro-batch"
+    futures: list[TrainFuture[dict[str, Any]]] = []
+    early: list[dict[str, Any]] = []
+    for micro_batch in step.micro_batches:
+        if len(futures) >= STEP_CALLS_IN_FLIGHT_MAX:  # bound the backend queue for long steps
+            early.append(await futures.pop(0))
+        futures.append(backend.forward_backward(micro_batch))
+    return _Submitted(step, futures, backend.optim_step(), early)
+
+
+async def _finish_step(submitted: _Submitted, last_done_s: float) -> tuple[StepResult, float]:
+    fb_results = list(submitted.early_results)
+    for future in submitted.forward_backward:
+        fb_results.append(await future)
+    weights = [float(r["token_weight"]) for r in fb_results]
+    total_weight = sum(weights)
+    loss = sum(float(r["loss"]) * w for r, w in zip(fb_results, weights, strict=True))
+    loss = loss / total_weight if total_weight > 0 else math.nan
+    if not math.isfinite(loss):
+        raise NonFiniteLossError(
+            f"training loss is {loss} at optimizer step {submitted.step.index}; the run stopped "
+            "and no checkpoint was written after the last good one"
+        )
+    try:
+        optim = await submitted.optim_step
+    except FloatingPointError as error:  # the backend refused a non-finite gradient
+        raise NonFiniteLossError(
+            f"non-finite gradient at optimizer step {submitted.step.index} ({error}); the run "
+            "stopped and no checkpoint was written after the last good one"
+        ) from error
+    done_s = time.perf_counter()
+    result = StepResult(
+        step=int(optim["step"]),
+        loss=loss,
+        lr=float(optim["lr"]),
+        grad_norm=float(optim["grad_norm"]),
+        num_loss_tokens=sum(int(r["num_tokens"]) for r in fb_results),
+        num_input_tokens=submitted.step.num_input_tokens,
+        num_examples=submitted.step.num_examples,
+        step_time_s=done_s - last_done_s,
+    )
+    return result, done_s
+
+
+async def run_validation_epoch(
+    backend: TrainingBackend, batches: Iterable[Batch]
+) -> dict[str, Any]:
+    """Token-weighted mean loss over `batches` (no gradients) and its perplexity."""
+    window: list[TrainFuture[dict[str, Any]]] = []
+    weighted_sum = total_weight = 0.0
+    num_tokens = 0
+
+    def add(result: dict[str, Any]) -> None:
+        nonlocal weighted_sum, total_weight, num_tokens
+        weighted_sum += float(result["loss"]) * float(result["token_weight"])
+        total_weight += float(result["token_weight"])
+        num_tokens += int(result["num_tokens"])
+
+    for batch in batches:
+        window.append(backend.forward(batch))
+        if len(window) > FORWARD_WINDOW:
+            add(await window.pop(0))
+    for future in window:
+        add(await future)
+    if total_weight <= 0:
+        return {"loss": math.inf, "perplexity": math.inf, "num_tokens": 0}
+    loss = weighted_sum / total_weight
+    return {"loss": loss, "perplexity": calculate_perplexity(loss), "num_tokens": num_tokens}

@@ -1,0 +1,65 @@
+"""Per-step device figures for training logs: memory in use and an MFU estimate.
+
+Memory: the CUDA allocator's peak since the run started (`cuda_peak_mb`) on a CUDA backend, the
+process's resident set size (`rss_mb`) otherwise.
+
+MFU (model FLOPs utilisation) = achieved FLOP/s / the device's peak FLOP/s, with the usual
+6 x parameters FLOPs per trained token (forward 2N, backward 4N; attention's own FLOPs left out,
+so short sequences are estimated well and long ones under-estimated). The peak is the caller's
+`peak_flops_per_s` when given; otherwise it is looked up for known CUDA GPUs (dense bf16 tensor
+core peaks from the vendors' data sheets); on a CPU or an unknown GPU no MFU is reported rather
+than a guess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import psutil
+import torch
+
+__all__ = ["PEAK_BF16_FLOPS_PER_S", "device_metrics", "mfu_estimator"]
+
+# Dense bf16 peaks; the first name fragment found in torch.cuda.get_device_name() wins.
+PEAK_BF16_FLOPS_PER_S: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L40S": 362e12,
+    "L4": 121e12,
+    "A10": 125e12,
+}
+
+
+def _device_of(backend: Any) -> torch.device | None:
+    device = getattr(backend, "device", None)
+    return torch.device(device) if device is not None else None
+
+
+def device_metrics(backend: Any) -> dict[str, float]:
+    """{"cuda_peak_mb": ...} on a CUDA backend, else {"rss_mb": ...} of this process."""
+    device = _device_of(backend)
+    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+        return {"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+
+
+def mfu_estimator(backend: Any, peak_flops_per_s: float = 0.0) -> Callable[[float], float] | None:
+    """A function tokens/s -> MFU, or None when the peak or the parameter count is unknown."""
+    model = getattr(backend, "model", None)
+    if model is None:
+        return None
+    num_params = sum(p.numel() for p in model.parameters())
+    peak = peak_flops_per_s or _known_peak(_device_of(backend))
+    if not peak:
+        return None
+    flops_per_token = 6.0 * num_params
+    return lambda tokens_per_s: tokens_per_s * flops_per_token / peak
+
+
+def _known_peak(device: torch.device | None) -> float:
+    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+        return 0.0
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_BF16_FLOPS_PER_S.items() if key in name), 0.0)

@@ -3,11 +3,15 @@
     python dev/integration_training/train.py dev/integration_training/configs/00_tiny_sft_cpu.py
     python dev/integration_training/train.py CONFIG.py --sft.learning_rate 3e-4 --sft.resume
 
-The script only assembles the library's tiers (tokenizer, data, backend) and runs the SFT
-orchestrator; the training logic lives in `rollouts.training`. It writes into `output_dir`:
-`metrics.jsonl`, `checkpoints/step_*/`, `final_model/` (a Hugging Face directory) and
-`metrics.png`. With `data.task = "addition"` it prints greedy task accuracy on the validation
-questions before and after training.
+    torchrun --nproc_per_node=2 dev/integration_training/train.py \
+        dev/integration_training/configs/03_debug_sft_fsdp_2gpu.py
+
+The script only assembles the library's tiers (tokenizer, data, backend, rollout engine) and runs
+the orchestrators; the training logic lives in `rollouts.training` and `rollouts.rl`. It writes
+into `output_dir`: `metrics.jsonl`, `checkpoints/step_*/`, `final_model/` (a Hugging Face
+directory) and `metrics.png`; with `rl.enabled`, the RL stage writes the same under `rl/`. With
+`data.task = "addition"` it prints greedy task accuracy before and after each stage.
+`target.backend = "fsdp"` runs every rank under torchrun; only rank 0 prints, logs and plots.
 """
 
 from __future__ import annotations
@@ -26,18 +30,24 @@ import torch
 import tyro
 
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
-from rollouts.tasks.protocol import TaskPrompt
-from rollouts.training import JSONLLogger, plot_metrics, run_sft_training
+from rollouts.inference import HFRolloutEngine
+from rollouts.rl.train import evaluate_greedy, run_rl_training
+from rollouts.tasks.addition import AdditionTask, read_examples
+from rollouts.training import JSONLLogger, TrainingBackend, plot_metrics, run_sft_training
 from rollouts.training.backends import (
     create_backend_with_scheduler,
+    create_fsdp_backend,
+    create_pytorch_backend,
     load_hf_model,
     parse_dtype,
 )
+from rollouts.training.distributed import World, destroy_distributed, init_distributed
+from rollouts.training.losses import LossFn, make_rl_loss
 from rollouts.training.sft import count_sft_steps
 
 # Config files import the schema as `train_config`, from whatever directory the command runs in.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_config import TrainConfig  # (after the path insert)
+from train_config import RLStageConfig, TrainConfig  # (after the path insert)
 
 
 def load_config(config_path: str, overrides: list[str]) -> TrainConfig:
@@ -66,10 +76,14 @@ def build_tokenizer(config: TrainConfig) -> Any:
     return build_char_tokenizer(model_max_length=config.model.max_position_embeddings)
 
 
-def prepare_model_dir(config: TrainConfig, tokenizer: Any, output_dir: Path) -> str:
-    """The model to load: `model.name`, or a tiny Llama built, seeded and saved under output_dir."""
+def prepare_model_dir(config: TrainConfig, tokenizer: Any, output_dir: Path, is_main: bool) -> str:
+    """The model to load: `model.name`, or a tiny Llama built, seeded and saved under output_dir
+    (by rank 0; the other ranks load what it wrote)."""
+    model_dir = output_dir / "init_model"
     if config.model.name:
         return config.model.name
+    if not is_main:
+        return str(model_dir)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     m = config.model
@@ -86,50 +100,59 @@ def prepare_model_dir(config: TrainConfig, tokenizer: Any, output_dir: Path) -> 
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(m.init_seed)
-    model_dir = output_dir / "init_model"
     LlamaForCausalLM(llama_config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return str(model_dir)
 
 
-def build_backend(config: TrainConfig, model_path: str, checkpoint_dir: Path, num_steps: int):
-    """The backend the target asks for, with the SFT schedule built in (Tier 2 factories)."""
-    sft, target = config.sft, config.target
-    if target.backend == "fsdp":
-        raise NotImplementedError(
-            "target.backend='fsdp' is not wired into train.py yet; use target.backend='pytorch'"
-        )
-    backend, _ = create_backend_with_scheduler(
-        model_path,
-        checkpoint_dir,
-        num_training_steps=num_steps,
-        warmup_ratio=sft.warmup_ratio,
-        decay_style=sft.decay_style,
-        min_lr_ratio=sft.min_lr_ratio,
-        device_type=target.device_type,
+def build_backend(
+    config: TrainConfig,
+    model_path: str,
+    checkpoint_dir: Path,
+    world: World | None,
+    optim: Any,
+    num_training_steps: int | None = None,
+    loss_fn: LossFn | None = None,
+    num_threads: int | None = None,
+) -> TrainingBackend:
+    """The backend `target` asks for (Tier 2 factories), with the optimizer settings of `optim`
+    (the sft or rl section) and, given `num_training_steps`, the SFT warmup schedule."""
+    target = config.target
+    common: dict[str, Any] = dict(
         dtype=config.model.dtype,
-        gpu_rank=target.gpu_ranks[0],
-        learning_rate=sft.learning_rate,
-        adam_betas=sft.adam_betas,
-        weight_decay=sft.weight_decay,
-        max_grad_norm=sft.max_grad_norm,
+        learning_rate=optim.learning_rate,
+        adam_betas=optim.adam_betas,
+        weight_decay=optim.weight_decay,
+        loss_fn=loss_fn,
+        max_grad_norm=optim.max_grad_norm,
+        num_threads=num_threads,
     )
-    return backend
-
-
-def accuracy_prompts(path: str, limit: int) -> list[TaskPrompt]:
-    """The first `limit` validation questions (user turn) with their reference answers."""
-    import json
-
-    prompts = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip() and len(prompts) < limit:
-                messages = json.loads(line)["messages"]
-                question = next(m for m in messages if m["role"] == "user")
-                answer = next(m for m in messages if m["role"] == "assistant")["content"]
-                prompts.append(TaskPrompt(messages=(question,), answer=answer))
-    return prompts
+    schedule: dict[str, Any] = {}
+    if num_training_steps is not None:
+        schedule = dict(
+            num_training_steps=num_training_steps,
+            warmup_ratio=optim.warmup_ratio,
+            decay_style=optim.decay_style,
+            min_lr_ratio=optim.min_lr_ratio,
+        )
+    if target.backend == "fsdp":
+        assert world is not None, "the fsdp backend runs under init_distributed"
+        backend, _ = create_fsdp_backend(
+            model_path,
+            checkpoint_dir,
+            world,
+            mixed_precision=target.mixed_precision or None,
+            **common,
+            **schedule,
+        )
+        return backend
+    device = dict(device_type=target.device_type, gpu_rank=target.gpu_ranks[0])
+    if schedule:
+        backend, _ = create_backend_with_scheduler(
+            model_path, checkpoint_dir, **device, **common, **schedule
+        )
+        return backend
+    return create_pytorch_backend(model_path, checkpoint_dir, **device, **common)
 
 
 def task_accuracy(config: TrainConfig, model: Any, tokenizer: Any) -> float | None:
@@ -144,7 +167,8 @@ def task_accuracy(config: TrainConfig, model: Any, tokenizer: Any) -> float | No
         return None
     from rollouts.tasks.addition import evaluate_accuracy
 
-    prompts = accuracy_prompts(config.data.val_path, config.data.accuracy_examples)
+    examples = read_examples(config.data.val_path, config.data.accuracy_examples)
+    prompts = [example.task_prompt() for example in examples]
     outcome: list[float] = []
     thread = threading.Thread(
         target=lambda: outcome.append(evaluate_accuracy(model, tokenizer, prompts))
@@ -165,63 +189,166 @@ def prepare_output_dir(config: TrainConfig) -> Path:
                 f"{output_dir} holds an earlier run; pass --sft.resume to continue it, "
                 "--overwrite to replace it, or another --output_dir"
             )
-        for name in ("checkpoints", "metrics.jsonl", "metrics.png", "final_model", "init_model"):
+        names = ("checkpoints", "metrics.jsonl", "metrics.png", "final_model", "init_model", "rl")
+        for name in names:
             target = output_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
     return output_dir
 
 
-def load_data(config: TrainConfig, tokenizer: Any) -> tuple[SFTDataset, SFTDataset | None]:
+def load_data(
+    config: TrainConfig, tokenizer: Any, is_main: bool
+) -> tuple[SFTDataset, SFTDataset | None]:
     d = config.data
     options = {"overlong": d.overlong, "skip_bad_lines": d.skip_bad_lines}
     train = load_sft_dataset(d.train_path, tokenizer, d.max_length, **options)
     val = load_sft_dataset(d.val_path, tokenizer, d.max_length, **options) if d.val_path else None
     for dataset in (train, val):
-        if dataset is not None:
+        if dataset is not None and is_main:
             print(dataset.summary())
     return train, val
 
 
-async def run(config: TrainConfig) -> None:
+def _barrier(world: World | None) -> None:
+    """Between stages only: rank 0 prepares files the other ranks then read."""
+    if world is not None:
+        torch.distributed.barrier()
+
+
+async def run(config: TrainConfig, world: World | None) -> None:
     start_s = time.perf_counter()
-    output_dir = prepare_output_dir(config)
+    is_main = world is None or world.is_main
+    output_dir = prepare_output_dir(config) if is_main else Path(config.output_dir)
+    _barrier(world)
     tokenizer = build_tokenizer(config)
-    train, val = load_data(config, tokenizer)
+    train, val = load_data(config, tokenizer, is_main)
+    model_path = prepare_model_dir(config, tokenizer, output_dir, is_main)
+    _barrier(world)
+    await run_sft_stage(config, world, output_dir, tokenizer, model_path, train, val)
+    if config.rl.enabled:
+        await run_rl_stage(config, world, output_dir, tokenizer)
+    if is_main:
+        print(f"wall time: {time.perf_counter() - start_s:.1f} s")
+
+
+async def run_sft_stage(
+    config: TrainConfig,
+    world: World | None,
+    output_dir: Path,
+    tokenizer: Any,
+    model_path: str,
+    train: SFTDataset,
+    val: SFTDataset | None,
+) -> None:
+    is_main = world is None or world.is_main
     num_steps = count_sft_steps(train, config.sft)
-    model_path = prepare_model_dir(config, tokenizer, output_dir)
-    backend = build_backend(config, model_path, output_dir / "checkpoints", num_steps)
-    eval_model = load_hf_model(model_path, parse_dtype(config.model.dtype), None)
-    logger = JSONLLogger(output_dir / "metrics.jsonl")
+    backend = build_backend(
+        config, model_path, output_dir / "checkpoints", world, config.sft, num_steps
+    )
+    eval_model = (
+        load_hf_model(model_path, parse_dtype(config.model.dtype), None) if is_main else None
+    )
+    logger = JSONLLogger(output_dir / "metrics.jsonl") if is_main else None
+    accuracy_before = accuracy_after = None
     try:
         # Accuracy before training: of the initial model, so only for a fresh run.
-        accuracy_before = (
-            None if config.sft.resume else task_accuracy(config, eval_model, tokenizer)
-        )
-        if accuracy_before is not None:
-            logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
+        if is_main and not config.sft.resume:
+            accuracy_before = task_accuracy(config, eval_model, tokenizer)
+            if accuracy_before is not None:
+                logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
         result = await run_sft_training(backend, train, config.sft, eval_data=val, logger=logger)
-        eval_model.load_state_dict(await backend.get_weights())
-        accuracy_after = task_accuracy(config, eval_model, tokenizer)
-        if accuracy_after is not None:
-            logger.log(
-                {"kind": "task_eval", "step": result.final_step, "val_accuracy": accuracy_after}
-            )
+        weights = await backend.get_weights()  # every rank takes part; rank 0 gets them
+        if is_main:
+            eval_model.load_state_dict(weights)
+            accuracy_after = task_accuracy(config, eval_model, tokenizer)
+            if accuracy_after is not None:
+                logger.log(
+                    {"kind": "task_eval", "step": result.final_step, "val_accuracy": accuracy_after}
+                )
         await backend.export_hf(output_dir / "final_model")
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
         backend.close()
-    tokenizer.save_pretrained(output_dir / "final_model")
-    png = plot_metrics(output_dir)
-    summarize(result, accuracy_before, accuracy_after, png, time.perf_counter() - start_s)
+    if is_main:
+        tokenizer.save_pretrained(output_dir / "final_model")
+        summarize(result, accuracy_before, accuracy_after, plot_metrics(output_dir))
+    _barrier(world)
+
+
+async def run_rl_stage(
+    config: TrainConfig, world: World | None, output_dir: Path, tokenizer: Any
+) -> None:
+    """RL from the SFT stage's final model; prints held-out accuracy before and after."""
+    rl, is_main = config.rl, world is None or world.is_main
+    sft_model, rl_dir = output_dir / "final_model", output_dir / "rl"
+    backend = build_backend(
+        config,
+        str(sft_model),
+        rl_dir / "checkpoints",
+        world,
+        rl,
+        loss_fn=make_rl_loss(rl.loss),
+        num_threads=rl.trainer_threads or None,
+    )
+    engine = HFRolloutEngine(
+        load_hf_model(sft_model, torch.float32, None),
+        tokenizer,
+        mode=rl.engine_mode,
+        num_threads=rl.engine_threads,
+    )
+    task = AdditionTask(
+        read_examples(config.data.train_path),
+        read_examples(config.data.val_path, rl.training.eval_max_prompts),
+    )
+    test = [
+        e.task_prompt()
+        for e in read_examples(rl.test_path or config.data.val_path, rl.test_examples)
+    ]
+    logger = JSONLLogger(rl_dir / "metrics.jsonl") if is_main else None
+    try:
+        before = (
+            await evaluate_greedy(engine, tokenizer, task, test, rl.training) if is_main else {}
+        )
+        history = await run_rl_training(backend, engine, task, rl.training, logger, tokenizer)
+        after = await evaluate_greedy(engine, tokenizer, task, test, rl.training) if is_main else {}
+        await backend.export_hf(rl_dir / "final_model")
+    finally:
+        if logger is not None:
+            logger.close()
+        engine.close()
+        backend.close()
+    if is_main:
+        tokenizer.save_pretrained(rl_dir / "final_model")
+        summarize_rl(rl, history, before, after, plot_metrics(rl_dir))
+    _barrier(world)
+
+
+def summarize_rl(
+    rl: RLStageConfig, history: list[dict], before: dict, after: dict, png: Path
+) -> None:
+    steps = [m for m in history if m.get("step", 0) > 0]
+    rewards = [m["reward_mean"] for m in steps]
+    held_out = rl.test_path or "the validation questions"
+    print(
+        f"RL: {len(steps)} steps, loss {rl.loss}; reward {rewards[0]:.3f} (first step) -> "
+        f"{sum(rewards[-5:]) / len(rewards[-5:]):.3f} (mean of the last 5)"
+    )
+    print(
+        f"held-out accuracy (greedy, {len(steps) and rl.test_examples} questions of {held_out}): "
+        f"SFT {before['accuracy']:.3f} -> SFT+RL {after['accuracy']:.3f}"
+    )
+    print(
+        f"RL time: sampling busy {steps[-1]['sample_busy_s']:.1f} s, training busy "
+        f"{steps[-1]['train_busy_s']:.1f} s, both at once {steps[-1]['overlap_frac']:.0%} of "
+        f"{steps[-1]['wall_time_s']:.1f} s"
+    )
+    print(f"RL plot: {png}")
 
 
 def summarize(
-    result: Any,
-    accuracy_before: float | None,
-    accuracy_after: float | None,
-    png: Path,
-    wall_s: float,
+    result: Any, accuracy_before: float | None, accuracy_after: float | None, png: Path
 ) -> None:
     evals = result.evals
     if evals:
@@ -237,7 +364,6 @@ def summarize(
         f"final checkpoint {result.final_checkpoint}; best {result.best_checkpoint}"
     )
     print(f"plot: {png}")
-    print(f"wall time: {wall_s:.1f} s")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -247,7 +373,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     config = load_config(argv[0], argv[1:])
-    asyncio.run(run(config))
+    if config.target.backend != "fsdp":
+        asyncio.run(run(config, None))
+        return
+    world = init_distributed(device_type=config.target.device_type)
+    try:
+        asyncio.run(run(config, world))
+    finally:
+        destroy_distributed()
 
 
 if __name__ == "__main__":

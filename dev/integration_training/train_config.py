@@ -9,11 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rollouts.rl.train import RLTrainingConfig
 from rollouts.training import SFTTrainingConfig
+from rollouts.training.losses import RL_LOSSES
 
-__all__ = ["BACKENDS", "DataConfig", "ModelConfig", "TargetConfig", "TrainConfig"]
+__all__ = [
+    "BACKENDS",
+    "DataConfig",
+    "ModelConfig",
+    "RLStageConfig",
+    "TargetConfig",
+    "TrainConfig",
+]
 
 BACKENDS = ("pytorch", "fsdp")
+ENGINE_MODES = ("process", "thread")
 TASKS = ("", "addition")
 
 
@@ -72,6 +82,7 @@ class TargetConfig:
     device_type: str = "cpu"  # "cpu", "cuda" or "mps"
     gpu_ranks: tuple[int, ...] = (0,)  # CUDA devices; the single-device backend uses the first
     backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded across gpu_ranks)
+    mixed_precision: str = ""  # fsdp only: compute dtype, e.g. "bfloat16"; "" = model.dtype
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -81,15 +92,49 @@ class TargetConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainConfig:
-    """One run of `train.py`: model, data, SFT settings, target device, output directory.
+class RLStageConfig:
+    """The RL stage, run after SFT from its final model, on `data.task` with a rollout engine."""
 
-    An `rl` section (the RL stage's config) is added beside `sft` by configs that run RL.
-    """
+    enabled: bool = False  # run RL after SFT
+    loss: str = "ppo"  # a name in rollouts.training.losses.RL_LOSSES
+    learning_rate: float = 1e-4  # constant (RL steps are few; no schedule)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    test_path: str = ""  # held-out questions for the SFT-vs-RL comparison ("" = data.val_path)
+    test_examples: int = 300  # held-out questions compared, at most
+    engine_mode: str = "process"  # rollout engine in a child process, or a thread of this one
+    engine_threads: int = 1  # the engine's intra-op threads
+    trainer_threads: int = 0  # the trainer worker's intra-op threads; 0: torch's default
+    training: RLTrainingConfig = field(default_factory=RLTrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss not in RL_LOSSES:
+            raise ValueError(f"rl.loss={self.loss!r}; must be one of {sorted(RL_LOSSES)}")
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"rl.engine_mode={self.engine_mode!r}; must be one of {ENGINE_MODES}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"rl.learning_rate={self.learning_rate}; must be > 0")
+        for name in ("test_examples", "engine_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name}={getattr(self, name)}; must be >= 1")
+        if self.trainer_threads < 0:
+            raise ValueError(f"rl.trainer_threads={self.trainer_threads}; must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One run of `train.py`: model, data, SFT (and optionally RL) settings, target device,
+    output directory."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig
     sft: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    rl: RLStageConfig = field(default_factory=RLStageConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     output_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, metrics.png go here
     overwrite: bool = False  # a fresh run may clear an output_dir left by an earlier run
+
+    def __post_init__(self) -> None:
+        if self.rl.enabled and self.data.task != "addition":
+            raise ValueError("rl.enabled needs a task with a reward: set data.task='addition'")

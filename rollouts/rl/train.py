@@ -48,7 +48,7 @@ from rollouts.training.backends.checkpointing import checkpoint_path
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
 
-__all__ = ["RLTrainingConfig", "run_rl_training"]
+__all__ = ["RLTrainingConfig", "evaluate_greedy", "make_envs", "run_rl_training"]
 
 STALE_POLICIES = ("drop", "requeue")
 STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
@@ -179,17 +179,11 @@ class _RLRun:
             chosen.append((order[position], self.train_prompts[order[position]]))
         return chosen[self.rank :: self.world_size]
 
-    def make_envs(self, prompt: TaskPrompt, count: int) -> list[Env]:
-        make_env = getattr(self.task, "make_env", None)
-        return [
-            make_env(prompt) if make_env else SingleTurnEnv(self.task, prompt) for _ in range(count)
-        ]
-
     async def sample_groups(
         self, indexed: Sequence[tuple[int, TaskPrompt]], seed: int
     ) -> list[Group]:
         size_G = self.config.group_size
-        envs = [env for _, prompt in indexed for env in self.make_envs(prompt, size_G)]
+        envs = [env for _, prompt in indexed for env in make_envs(self.task, prompt, size_G)]
         with self.clock.busy("sample"):
             trajectories = await run_episodes(
                 self.engine,
@@ -367,16 +361,11 @@ class _RLRun:
         """Greedy answers to the held-out prompts with the latest pushed weights (rank 0)."""
         if not self.eval_prompts or self.rank != 0:
             return {}
-        envs = [env for prompt in self.eval_prompts for env in self.make_envs(prompt, 1)]
-        greedy = dataclasses.replace(self.config.sampling_params(0), temperature=0.0)
-        trajectories = await run_episodes(
-            self.engine, self.tokenizer, envs, greedy, self.config.max_turns
+        scores = await evaluate_greedy(
+            self.engine, self.tokenizer, self.task, self.eval_prompts, self.config
         )
-        rewards = [t.reward for t in trajectories]
-        return {
-            "eval_accuracy": _mean([float(r >= self.config.success_reward) for r in rewards]),
-            "eval_reward_mean": _mean(rewards),
-            "eval_version": self.pushed_version,
+        return {f"eval_{key}": value for key, value in scores.items()} | {
+            "eval_version": self.pushed_version
         }
 
     async def save(self, version: int) -> None:
@@ -408,6 +397,29 @@ class _RLRun:
         self.history.append(metrics)
         if self.logger is not None and self.rank == 0:
             self.logger.log(metrics)
+
+
+def make_envs(task: Task, prompt: TaskPrompt, count: int) -> list[Env]:
+    """`count` environments for one prompt: the task's own (`make_env`) or one-step ones."""
+    make_env = getattr(task, "make_env", None)
+    return [make_env(prompt) if make_env else SingleTurnEnv(task, prompt) for _ in range(count)]
+
+
+async def evaluate_greedy(
+    engine: RolloutEngine,
+    tokenizer: Any,
+    task: Task,
+    prompts: Sequence[TaskPrompt],
+    config: RLTrainingConfig,
+) -> dict[str, float]:
+    """Greedy (temperature 0) answers to `prompts` with the engine's current weights:
+    `accuracy` (share of rewards >= `config.success_reward`) and `reward_mean`."""
+    envs = [env for prompt in prompts for env in make_envs(task, prompt, 1)]
+    greedy = dataclasses.replace(config.sampling_params(0), temperature=0.0)
+    trajectories = await run_episodes(engine, tokenizer, envs, greedy, config.max_turns)
+    rewards = [t.reward for t in trajectories]
+    correct = [float(r >= config.success_reward) for r in rewards]
+    return {"accuracy": _mean(correct), "reward_mean": _mean(rewards)}
 
 
 def _rl_state_path(checkpoint: Path) -> Path:

@@ -14,10 +14,12 @@ decoding of a Hugging Face causal LM, batched, on any list of examples.
 
 from __future__ import annotations
 
+import json
 import random
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,6 +33,7 @@ __all__ = [
     "answer_for",
     "evaluate_accuracy",
     "generate_examples",
+    "read_examples",
     "reward",
     "split_of",
 ]
@@ -105,6 +108,27 @@ def generate_examples(
             f"could draw only {len(examples)} distinct {split!r} questions with {num_digits} "
             f"digit(s); ask for fewer than {num_examples} or use more digits"
         )
+    return examples
+
+
+def read_examples(path: str | Path, limit: int | None = None) -> list[AdditionExample]:
+    """The questions of a chat JSONL file as written by `AdditionExample.messages` (the user
+    turn `"a+b"`), in file order, at most `limit`; ValueError naming the file and line otherwise."""
+    examples: list[AdditionExample] = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip() or (limit is not None and len(examples) >= limit):
+                continue
+            try:
+                messages = json.loads(line)["messages"]
+                question = next(m["content"] for m in messages if m["role"] == "user")
+                left, right = question.split("+")
+                examples.append(AdditionExample(int(left), int(right)))
+            except (ValueError, KeyError, TypeError, StopIteration) as error:
+                raise ValueError(
+                    f"{path} line {number}: not an addition chat example ({error!r}); expected "
+                    '{"messages": [{"role": "user", "content": "a+b"}, ...]}'
+                ) from None
     return examples
 
 

@@ -44,13 +44,21 @@ PLOT_PANELS: dict[str, tuple[str, ...]] = {
     "learning rate": ("lr",),
     "gradient norm": ("grad_norm",),
     "throughput (tokens/s)": ("tokens_per_s",),
-    "accuracy": ("accuracy", "train_accuracy", "val_accuracy", "held_out_accuracy"),
+    "accuracy": (
+        "accuracy",
+        "train_accuracy",
+        "val_accuracy",
+        "held_out_accuracy",
+        "eval_accuracy",
+    ),
     "reward": ("reward_mean", "reward_std"),
     "groups": ("frac_all_correct", "frac_all_wrong", "frac_mixed"),
     "staleness (versions)": ("staleness_mean", "staleness_max"),
     "sampler/trainer KL": ("sampler_trainer_kl", "kl_sampler_trainer", "mismatch_kl"),
     "entropy": ("entropy",),
     "clip fraction": ("clip_fraction",),
+    "time per step (s)": ("sample_time_s", "train_time_s"),
+    "sampling and training at once": ("overlap_frac",),
     "memory (MB)": ("rss_mb", "cuda_peak_mb"),
 }
 

@@ -57,6 +57,7 @@ def create_fsdp_backend(
     mixed_precision: str | None = "bfloat16",
     cpu_offload: bool = False,
     activation_checkpointing: bool = False,
+    num_threads: int | None = None,
 ) -> tuple[FSDPTrainingBackend, torch.optim.lr_scheduler.LambdaLR | None]:
     """Load, shard, build AdamW, the loss and (optionally) the schedule: `(backend, scheduler)`.
 
@@ -67,7 +68,8 @@ def create_fsdp_backend(
     backward compute in, with gradients reduced in float32. `num_training_steps=None` gives no
     scheduler (a constant learning rate) and `scheduler` None; otherwise the warmup schedule
     (`warmup_steps_for(num_training_steps, warmup_ratio)` warmup steps) is built and stepped by
-    the backend, and returned so the caller can read it.
+    the backend, and returned so the caller can read it. `num_threads` is the backend worker's
+    intra-op thread count (None: torch's default).
     """
     torch_dtype = parse_dtype(dtype)
     compute_dtype = parse_dtype(mixed_precision) if mixed_precision is not None else None
@@ -97,6 +99,7 @@ def create_fsdp_backend(
         world,
         scheduler=scheduler,
         max_grad_norm=max_grad_norm,
+        num_threads=num_threads,
     )
     return backend, scheduler
 

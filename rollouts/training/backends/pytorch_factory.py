@@ -210,8 +210,11 @@ def create_pytorch_backend(
     weight_decay: float = 0.0,
     loss_fn: LossFn | None = None,
     max_grad_norm: float | None = 1.0,
+    num_threads: int | None = None,
 ) -> PyTorchTrainingBackend:
-    """Load the model, build AdamW and the loss, place it on the device: a ready backend."""
+    """Load the model, build AdamW and the loss, place it on the device: a ready backend.
+
+    `num_threads` is the backend worker's intra-op thread count (None: torch's default)."""
     backend, _ = _assemble_pytorch_backend(
         model_name,
         checkpoint_dir,
@@ -224,6 +227,7 @@ def create_pytorch_backend(
         loss_fn,
         max_grad_norm,
         schedule=None,
+        num_threads=num_threads,
     )
     return backend
 
@@ -243,6 +247,7 @@ def create_backend_with_scheduler(
     weight_decay: float = 0.0,
     loss_fn: LossFn | None = None,
     max_grad_norm: float | None = 1.0,
+    num_threads: int | None = None,
 ) -> tuple[PyTorchTrainingBackend, torch.optim.lr_scheduler.LambdaLR]:
     """`create_pytorch_backend` plus a warmup schedule the backend steps: `(backend, scheduler)`."""
     num_warmup_steps = warmup_steps_for(num_training_steps, warmup_ratio)
@@ -259,6 +264,7 @@ def create_backend_with_scheduler(
         loss_fn,
         max_grad_norm,
         schedule=schedule,
+        num_threads=num_threads,
     )
     assert scheduler is not None, "a schedule was given"
     return backend, scheduler
@@ -276,6 +282,7 @@ def _assemble_pytorch_backend(
     loss_fn: LossFn | None,
     max_grad_norm: float | None,
     schedule: tuple[int, int, str, float] | None,
+    num_threads: int | None = None,
 ) -> tuple[PyTorchTrainingBackend, torch.optim.lr_scheduler.LambdaLR | None]:
     torch_dtype = parse_dtype(dtype)
     device_map = compute_device_map_single_gpu(device_type, gpu_rank)
@@ -293,6 +300,7 @@ def _assemble_pytorch_backend(
         device,
         scheduler=scheduler,
         max_grad_norm=max_grad_norm,
+        num_threads=num_threads,
     )
     return backend, scheduler
 

@@ -402,7 +402,8 @@ class _SFTRun:
                 "best_val_loss": self.state.best_val_loss,
             }
         )
-        _log.info("step %d: val_loss %.4f", self.state.step, metrics["loss"])
+        if self.rank.is_main:  # the metrics are global: one line per job, not per rank
+            _log.info("step %d: val_loss %.4f", self.state.step, metrics["loss"])
         return improved and self.state.step > 0
 
     async def _save(self, reasons: list[str]) -> Path:
@@ -493,7 +494,8 @@ class _SFTRun:
         self._check_compatible(saved, latest)
         await self.backend.load_checkpoint(latest)
         self.state = _state_from_json(saved)
-        _log.info("resumed from %s at step %d", latest, self.state.step)
+        if self.rank.is_main:
+            _log.info("resumed from %s at step %d", latest, self.state.step)
         return latest
 
     def _check_compatible(self, saved: dict[str, Any], path: Path) -> None:

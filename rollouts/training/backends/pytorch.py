@@ -270,7 +270,12 @@ def _to_device(batch: Batch, device: torch.device) -> dict[str, Any]:
 
 def _logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Run the model on the batch's inputs; accept a logits tensor or an output with .logits."""
-    output = model(**{key: batch[key] for key in MODEL_INPUT_KEYS if key in batch})
+    inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if key in batch}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        # A Hugging Face model otherwise fills a KV cache on every forward that nothing reads
+        # (and with a cache, packed rows are not kept from attending to each other).
+        inputs["use_cache"] = False
+    output = model(**inputs)
     logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
     if not isinstance(logits, torch.Tensor):
         raise TypeError(

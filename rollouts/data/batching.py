@@ -16,10 +16,10 @@ Packing (`collate_packed`): consecutive examples of the epoch order share a row 
 passed: Hugging Face models (transformers >= 5, e.g. Llama) then derive a block-diagonal causal
 mask from the position restarts, so packed examples do NOT attend to each other and their logits
 equal those of the examples run alone. transformers does this only when the forward runs without
-a KV cache (`use_cache=False`; with the default `config.use_cache=True` it silently falls back to
-one causal mask over the whole row), so `run_sft_training` sets `model.config.use_cache = False`
-on the backend's model when packing. A model that does not derive the mask from `position_ids`
-would let packed examples see each other: use padding for such models.
+a KV cache (`use_cache=False`; with a cache it silently falls back to one causal mask over the
+whole row), which is how the backends run every forward of a Hugging Face model. A model that
+does not derive the mask from `position_ids` would let packed examples see each other: use
+padding for such models.
 
 The epoch order is a permutation drawn from `(seed, epoch)` alone, so the same seed gives the same
 batches, and a run can resume mid-epoch from (epoch, micro-batch index) with nothing else saved.

@@ -308,8 +308,6 @@ class _SFTRun:
         self.stream: _StepStream  # built once the cursor is known (after a resume)
 
     async def run(self) -> SFTResult:
-        if self.config.packing:
-            _disable_kv_cache(self.backend)
         resumed_from = await self._maybe_resume()
         self._log({"kind": "run_start", "step": self.state.step, **self._run_info(resumed_from)})
         if self.state.step == 0 and self.config.eval_at_start:
@@ -552,19 +550,6 @@ def _state_from_json(saved: dict[str, Any]) -> _RunState:
         periodic_steps=[int(s) for s in saved["periodic_steps"]],
         last_train_loss=float(saved["last_train_loss"]),
     )
-
-
-def _disable_kv_cache(backend: TrainingBackend) -> None:
-    """Packed rows need `use_cache=False` for transformers to block attention between examples."""
-    config = getattr(getattr(backend, "model", None), "config", None)
-    if config is None or not hasattr(config, "use_cache"):
-        _log.warning(
-            "packing: cannot reach the model config of %s to turn off its KV cache; packed "
-            "examples may attend to each other (see rollouts.data.batching)",
-            type(backend).__name__,
-        )
-        return
-    config.use_cache = False  # before any call is queued, so no worker reads it concurrently
 
 
 def _checkpoint_root(backend: TrainingBackend) -> Path:

@@ -318,3 +318,15 @@ def test_num_threads_applies_to_the_worker_thread_only(
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(ValueError, match="num_threads must be None"):
         build_backend(tiny_model_dir, tmp_path, num_threads=0)
+
+
+def test_rl_batches_get_the_trainers_logprobs_from_forward_backward(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    batch = make_batch(4, ignore_prefix=(3, 0, 5, 1))
+    rl_batch = {**batch, "sampling_logprobs": torch.zeros(batch["labels"].shape)}
+    with build_backend(tiny_model_dir, tmp_path) as backend:
+        before = backend.forward(batch).wait()["logprobs"]
+        assert "logprobs" not in backend.forward_backward(batch).wait()  # not an RL batch
+        result = backend.forward_backward(rl_batch).wait()
+    torch.testing.assert_close(result["logprobs"], before)

@@ -81,7 +81,6 @@ class RLTrainingConfig:
     checkpoint_every_steps: int = 0  # 0: only the final checkpoint
     resume: bool = False  # continue from the latest checkpoint that has RL state
     seed: int = 0  # prompt order and sampling seeds
-    log_mismatch: bool = True  # one extra forward per batch for sampler/trainer diagnostics
     ratio_clip_low: float = 0.8  # clip-fraction bounds of the importance ratio (diagnostic)
     ratio_clip_high: float = 1.2
 
@@ -272,22 +271,18 @@ class _RLRun:
             assert len(batches) <= self.micro_batches_per_rank, "at most the rank's share"
             batches += [self.empty_batch()] * (self.micro_batches_per_rank - len(batches))
         with self.clock.busy("train"):
-            # All calls are queued before any is awaited; the forwards see the pre-step weights.
-            forwards = (
-                [self.backend.forward(b) for b in batches] if self.config.log_mismatch else []
-            )
+            # All calls are queued before any is awaited.
             backwards = [self.backend.forward_backward(b) for b in batches]
             stepped = await self.backend.optim_step()
             results = [await f for f in backwards]
-            forward_results = [await f for f in forwards]
         token_weights = [r["token_weight"] for r in results]
         metrics["loss"] = sum(
             r["loss"] * w for r, w in zip(results, token_weights, strict=True)
         ) / max(sum(token_weights), 1e-12)
         metrics.update(lr=stepped["lr"], grad_norm=stepped["grad_norm"])
         metrics["trained_tokens"] = stepped["num_tokens"]
-        if forward_results:
-            metrics.update(self.mismatch(batches, forward_results))
+        # RL batches carry sampling_logprobs, so forward_backward returned the trainer's own.
+        metrics.update(self.mismatch(batches, results))
 
     def empty_batch(self) -> dict[str, torch.Tensor]:
         """A one-row batch that carries no token weight: a rank's filler call."""
@@ -302,12 +297,13 @@ class _RLRun:
         }
 
     def mismatch(
-        self, batches: list[dict[str, torch.Tensor]], forward_results: list[dict]
+        self, batches: list[dict[str, torch.Tensor]], results: list[dict]
     ) -> dict[str, float]:
-        """Trainer vs sampler on the sampled tokens, and the sampler's entropy estimate."""
+        """Trainer (before the update) vs sampler on the sampled tokens, and the sampler's
+        entropy estimate."""
         mask = torch.cat([b["loss_mask"].flatten() for b in batches])
         sampler = torch.cat([b["sampling_logprobs"].flatten() for b in batches])
-        trainer = torch.cat([r["logprobs"].flatten() for r in forward_results])
+        trainer = torch.cat([r["logprobs"].flatten() for r in results])
         stats = ratio_diagnostics(
             trainer, sampler, mask, self.config.ratio_clip_low, self.config.ratio_clip_high
         )

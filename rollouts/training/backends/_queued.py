@@ -18,9 +18,15 @@ import torch
 from rollouts.training._worker import SerialWorker
 from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.futures import TrainFuture
-from rollouts.training.losses import Batch
+from rollouts.training.losses import Batch, label_logprobs
 
-__all__ = ["QueuedBackend", "check_step_options", "require_save_pretrained", "thread_setup"]
+__all__ = [
+    "QueuedBackend",
+    "check_step_options",
+    "require_save_pretrained",
+    "sampler_comparison",
+    "thread_setup",
+]
 
 
 def check_step_options(normalization: str, max_grad_norm: float | None) -> None:
@@ -152,3 +158,12 @@ def require_save_pretrained(model: torch.nn.Module) -> Callable[..., Any]:
             f"{type(model).__name__} has no save_pretrained; export_hf needs a Hugging Face model"
         )
     return save_pretrained
+
+
+def sampler_comparison(logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+    """For an RL batch (one with `sampling_logprobs`): `{"logprobs": [B, T]}`, the trainer's
+    log-probs of the labels before the update, so a loop can compare trainer and sampler on the
+    same tokens without a second forward. `{}` for any other batch (it costs a log-softmax)."""
+    if batch.get("sampling_logprobs") is None:
+        return {}
+    return {"logprobs": label_logprobs(logits.detach(), batch["labels"]).cpu()}

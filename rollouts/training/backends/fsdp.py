@@ -57,6 +57,7 @@ from rollouts.training.backends._queued import (
     QueuedBackend,
     check_step_options,
     require_save_pretrained,
+    sampler_comparison,
     thread_setup,
 )
 from rollouts.training.backends.checkpointing import (
@@ -197,7 +198,7 @@ class FSDPTrainingBackend(QueuedBackend):
         self._accum_weight += result["token_weight"]
         self._accum_tokens += result["num_tokens"]
         self._accum_calls += 1
-        return result
+        return result | sampler_comparison(logits, batch)
 
     @torch.no_grad()
     def _forward(self, batch: Batch) -> dict[str, Any]:

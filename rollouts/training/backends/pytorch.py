@@ -28,6 +28,7 @@ from rollouts.training.backends._queued import (
     QueuedBackend,
     check_step_options,
     require_save_pretrained,
+    sampler_comparison,
     thread_setup,
 )
 from rollouts.training.backends.checkpointing import (
@@ -108,7 +109,12 @@ class PyTorchTrainingBackend(QueuedBackend):
         num_tokens = int((weights_BT != 0).sum().item())
         self._accum_tokens += num_tokens
         self._accum_calls += 1
-        return {"loss": loss.item(), "num_tokens": num_tokens, "token_weight": float(token_weight)}
+        result = {
+            "loss": loss.item(),
+            "num_tokens": num_tokens,
+            "token_weight": float(token_weight),
+        }
+        return result | sampler_comparison(logits, batch)
 
     @torch.no_grad()
     def _forward(self, batch: Batch) -> dict[str, Any]:

@@ -6,7 +6,7 @@ number of steps, prompts and samples, from the same initial weights, in one proc
 order alternates over `--repeats` so machine noise hits both alike. Printed: the wall time of each,
 the time split (sampling busy, training busy, both at once) and the ratio sync / async.
 
-    python benchmarks/rl_async_overlap.py [--steps 8] [--repeats 1]
+    python benchmarks/rl_async_overlap.py [--steps 10] [--repeats 3] [--max-tokens 6]
 """
 
 from __future__ import annotations
@@ -69,9 +69,9 @@ def run_once(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--max-tokens", type=int, default=4, help="new tokens per answer")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=6, help="new tokens per answer")
     parser.add_argument(
         "--trainer-threads",
         type=int,

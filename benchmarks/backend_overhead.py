@@ -18,25 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM
+from _tiny_model import build_tiny_llama
 
 from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import create_adamw_optimizer, create_cross_entropy_loss
 
 BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = 8, 128, 512
-
-
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB_SIZE,
-    )
-    return LlamaForCausalLM(config)
 
 
 def make_batches(count: int) -> list[dict[str, torch.Tensor]]:
@@ -81,9 +68,9 @@ def main() -> None:
     args = parser.parse_args()
     batches = make_batches(args.steps)
 
-    plain_model = build_model()
+    plain_model = build_tiny_llama(VOCAB_SIZE)
     plain_optimizer = create_adamw_optimizer(plain_model, 1e-4)
-    backend_model = build_model()
+    backend_model = build_tiny_llama(VOCAB_SIZE)
     backend = PyTorchTrainingBackend(
         backend_model,
         create_adamw_optimizer(backend_model, 1e-4),

@@ -36,8 +36,9 @@ import time
 from typing import Any
 
 import torch
+from _tiny_model import build_tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerFast
 
 from rollouts.inference import HFRolloutEngine, SamplingParams
 from rollouts.training import PyTorchTrainingBackend
@@ -45,19 +46,6 @@ from rollouts.training.backends import create_adamw_optimizer, create_cross_entr
 
 BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = 8, 128, 512
 NUM_PROMPTS, NUM_SAMPLES, PROMPT_LEN, NEW_TOKENS = 8, 4, 16, 32
-
-
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB_SIZE,
-    )
-    return LlamaForCausalLM(config)
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -140,14 +128,18 @@ def main() -> None:
     )
     args = parser.parse_args()
     settings = [parse_setting(text) for text in args.settings]
-    model, tokenizer, batches = build_model(), build_tokenizer(), make_batches(args.train_steps)
+    model, tokenizer, batches = (
+        build_tiny_llama(VOCAB_SIZE),
+        build_tokenizer(),
+        make_batches(args.train_steps),
+    )
     engines = {
         setting: HFRolloutEngine(model, tokenizer, mode=setting[0], num_threads=setting[1] or None)
         for setting in settings
     }
     timings: dict[Setting, list[tuple[float, float, float]]] = {s: [] for s in settings}
     with tempfile.TemporaryDirectory() as directory:
-        trained = build_model()
+        trained = build_tiny_llama(VOCAB_SIZE)
         optimizer = create_adamw_optimizer(trained, 1e-4)
         loss_fn = create_cross_entropy_loss()
         with PyTorchTrainingBackend(trained, optimizer, loss_fn, directory, "cpu") as backend:

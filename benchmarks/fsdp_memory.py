@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from _tiny_model import build_tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollouts.training import FSDPTrainingBackend, PyTorchTrainingBackend, TrainingBackend
 from rollouts.training.backends import (
@@ -40,19 +40,6 @@ from rollouts.training.distributed import destroy_distributed, init_distributed
 WORLD_SIZE = 2
 BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = 8, 128, 512
 WARMUP_STEPS = 2
-
-
-def build_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)  # every rank builds the same weights before sharding them
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=VOCAB_SIZE,
-    )
-    return LlamaForCausalLM(config)
 
 
 def global_batch() -> dict[str, torch.Tensor]:
@@ -82,7 +69,7 @@ def median_step_s(backend: TrainingBackend, batch: dict[str, torch.Tensor], step
 
 
 def measure_single(checkpoint_dir: Path, steps: int) -> tuple[int, float]:
-    model = build_model()
+    model = build_tiny_llama(VOCAB_SIZE)
     optimizer = create_adamw_optimizer(model, 1e-4)
     loss_fn = create_cross_entropy_loss()
     with PyTorchTrainingBackend(model, optimizer, loss_fn, checkpoint_dir, "cpu") as backend:
@@ -99,7 +86,7 @@ def _fsdp_rank(rank: int, tmp_dir: Path, steps: int) -> None:
         timeout=timedelta(seconds=120),
     )
     world = init_distributed()
-    model = shard_model(build_model(), world)
+    model = shard_model(build_tiny_llama(VOCAB_SIZE), world)
     optimizer = create_adamw_optimizer(model, 1e-4)
     rows = BATCH_SIZE // WORLD_SIZE
     batch = {k: v[rank * rows : (rank + 1) * rows] for k, v in global_batch().items()}

@@ -16,9 +16,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 import trio
-from transformers import LlamaConfig, LlamaForCausalLM
+from _tiny_model import build_tiny_llama
 
 from rollouts.data.char_tokenizer import build_char_tokenizer
 from rollouts.inference import HFRolloutEngine
@@ -29,20 +28,6 @@ from rollouts.training.backends import create_adamw_optimizer
 from rollouts.training.losses import make_rl_loss
 
 
-def build_model(vocab_size: int) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=vocab_size,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
 def run_once(
     config: RLTrainingConfig,
     engine: HFRolloutEngine,
@@ -50,7 +35,7 @@ def run_once(
     task: AdditionTask,
     trainer_threads: int | None,
 ) -> dict[str, float]:
-    model = build_model(len(tokenizer))
+    model = build_tiny_llama(len(tokenizer), max_position_embeddings=64)
     backend = PyTorchTrainingBackend(
         model,
         create_adamw_optimizer(model, 1e-3),
@@ -97,7 +82,9 @@ def main() -> None:
         "async_k1": RLTrainingConfig(**base, async_mode=True, max_steps_off_policy=1),
     }
     # One engine process for every run: its start-up is paid once, outside the timed runs.
-    engine = HFRolloutEngine(build_model(len(tokenizer)), tokenizer)
+    engine = HFRolloutEngine(
+        build_tiny_llama(len(tokenizer), max_position_embeddings=64), tokenizer
+    )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     with engine:
         warm_up = RLTrainingConfig(**{**base, "num_steps": 1})

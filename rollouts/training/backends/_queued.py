@@ -8,6 +8,7 @@ methods here queue them in submission order and return their futures.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -57,10 +58,12 @@ def thread_setup(num_threads: int | None, device: torch.device) -> Callable[[], 
 
 
 class QueuedBackend(ABC):
-    """Protocol methods over a `SerialWorker`; subclasses set `_worker` and `_step`."""
+    """Protocol methods over a `SerialWorker`; subclasses set the attributes below."""
 
     _worker: SerialWorker
     _step: int
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None
 
     # -- the protocol: each call queues its body on the worker ------------------------------------
 
@@ -141,6 +144,28 @@ class QueuedBackend(ABC):
                 f"step carried no weighted token{where} (every label -100 or loss_mask 0)"
             )
         return 1.0 / self._accum_weight
+
+    def _apply_step(
+        self, grad_norm: float, step_optimizer: Callable[[], Any], refuse_non_finite: bool = True
+    ) -> dict[str, Any]:
+        """The end of every `optim_step`, once gradients are normalised and clipped: refuse a
+        non-finite norm (weights untouched), step the optimizer and scheduler, zero the grads."""
+        if refuse_non_finite and not math.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"optim_step {self._step + 1}: gradient norm is {grad_norm}; the update was not "
+                "applied and the weights are those of the last good step"
+            )
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        step_optimizer()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._step += 1
+        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm}
+        result["num_tokens"] = self._accum_tokens
+        self._reset_accumulation()
+        return result
 
     def _assert_no_pending_gradients(self, call: str) -> None:
         if self._accum_calls:

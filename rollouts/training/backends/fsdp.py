@@ -28,7 +28,6 @@ calling, the others raise within that bound, their futures carry the error, and 
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -224,22 +223,8 @@ class FSDPTrainingBackend(QueuedBackend):
     def _optim_step(self) -> dict[str, Any]:
         scale = self._normalisation_scale(self.normalization, " on any rank")
         grad_norm = _scale_and_clip_sharded(self._params, scale, self.max_grad_norm, self.device)
-        if not math.isfinite(grad_norm):  # the norm is global, so every rank takes this branch
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"optim_step {self._step + 1}: gradient norm is {grad_norm}; the update was not "
-                "applied and the weights are those of the last good step"
-            )
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._step += 1
-        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm}
-        result["num_tokens"] = self._accum_tokens
-        self._reset_accumulation()
-        return result
+        # The norm is global, so a non-finite one stops every rank alike.
+        return self._apply_step(grad_norm, self.optimizer.step)
 
     def _save_checkpoint(self, step: int) -> Path:
         """Every rank writes its shards into rank 0's temporary directory; rank 0 renames it."""

@@ -137,26 +137,16 @@ class PyTorchTrainingBackend(QueuedBackend):
         if self._scaler is not None:
             self._scaler.unscale_(self.optimizer)
         grad_norm = _scale_and_clip(self._params, scale, self.max_grad_norm)
-        if not math.isfinite(grad_norm) and self._scaler is None:
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"optim_step {self._step + 1}: gradient norm is {grad_norm}; the update was not "
-                "applied and the weights are those of the last good step"
-            )
-        lr = float(self.optimizer.param_groups[0]["lr"])
-        if self._scaler is not None:
-            self._scaler.step(self.optimizer)  # skips the update itself when grads overflowed
-            self._scaler.update()
-        else:
-            self.optimizer.step()
-        if self.scheduler is not None:
-            self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._step += 1
-        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm}
-        result["num_tokens"] = self._accum_tokens
-        self._reset_accumulation()
-        return result
+        if self._scaler is None:
+            return self._apply_step(grad_norm, self.optimizer.step)
+        scaler = self._scaler
+
+        def scaled_step() -> None:
+            scaler.step(self.optimizer)  # skips the update itself when the grads overflowed
+            scaler.update()
+
+        # With a scaler an overflow is expected now and then: it skips the step, no error.
+        return self._apply_step(grad_norm, scaled_step, refuse_non_finite=False)
 
     def _save_checkpoint(self, step: int) -> Path:
         self._assert_no_pending_gradients("save_checkpoint")

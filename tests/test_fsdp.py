@@ -427,6 +427,8 @@ def test_bad_arguments_fail_before_any_process_group(tiny_model_dir: Path, tmp_p
         create_fsdp_backend(tiny_model_dir, tmp_path, dtype="fp17")
     with pytest.raises(ValueError, match="Invalid decay_style"):
         create_fsdp_backend(tiny_model_dir, tmp_path, num_training_steps=10, decay_style="cubic")
+    with pytest.raises(ValueError, match="mixed_precision='float16' needs a gradient scaler"):
+        create_fsdp_backend(tiny_model_dir, tmp_path, mixed_precision="float16")
     with pytest.raises(ValueError, match="Invalid device_type"):
         init_distributed(device_type="tpu")
     world = World(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")

@@ -79,6 +79,23 @@ def test_failure_fails_queued_calls_and_refuses_new_ones(worker: SerialWorker) -
         worker.submit("late", lambda: 1)
 
 
+def test_a_failed_thread_setup_fails_every_call() -> None:
+    submitted = threading.Event()
+
+    def setup() -> None:
+        submitted.wait(10)  # fail only once a call is queued, so it must be failed too
+        raise RuntimeError("no such device")
+
+    worker = SerialWorker("broken", thread_setup=setup)
+    queued = worker.submit("first", lambda: 1)
+    submitted.set()
+    with pytest.raises(BackendFailedError, match="thread_setup before it raised RuntimeError"):
+        queued.wait(timeout=10)
+    with pytest.raises(BackendFailedError, match="refuses later#2: thread_setup raised"):
+        worker.submit("later", lambda: 2)
+    worker.close()
+
+
 @pytest.mark.asyncio
 async def test_asyncio_await_forms_and_exception_type(worker: SerialWorker) -> None:
     assert await worker.submit("a", lambda: 1) == 1

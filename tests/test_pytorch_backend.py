@@ -330,3 +330,16 @@ def test_rl_batches_get_the_trainers_logprobs_from_forward_backward(
         assert "logprobs" not in backend.forward_backward(batch).wait()  # not an RL batch
         result = backend.forward_backward(rl_batch).wait()
     torch.testing.assert_close(result["logprobs"], before)
+
+
+def test_a_crash_between_the_renames_is_repaired_by_the_next_save(tmp_path: Path) -> None:
+    from rollouts.training.backends.checkpointing import atomic_directory, checkpoint_path
+
+    final = checkpoint_path(tmp_path, 3)
+    final.mkdir(parents=True)
+    (final / "weights").write_text("good")
+    final.rename(tmp_path / ".old-step_00000003-1234abcd")  # moved aside, then the crash
+    with pytest.raises(OSError, match="disk full"), atomic_directory(final):
+        raise OSError("disk full")  # the next save fails too; the old checkpoint is back anyway
+    assert (final / "weights").read_text() == "good"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]

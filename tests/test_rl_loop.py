@@ -153,3 +153,14 @@ def test_stale_groups_are_dropped_or_resampled(policy: str, expected_groups: int
         assert kept[1].prompt_index == 1 and kept[1].weight_version == 3
         assert kept[1].rewards == [1.0, 0.0]  # the re-sampled answers "7" and "x"
     assert metrics["staleness_hist"] == ({"1": 2} if policy == "drop" else {"0": 2, "1": 2})
+
+
+def test_resume_refuses_a_changed_sampling_config(tmp_path: Path) -> None:
+    two_steps = RLTrainingConfig(**{**CONFIG.__dict__, "num_steps": 2})
+    _run(tmp_path, two_steps)
+    changed = RLTrainingConfig(**{**two_steps.__dict__, "num_steps": 4, "resume": True,
+                                  "group_size": 8})  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"RLTrainingConfig.group_size=8, but the run in .* used 4"
+    ):
+        _run(tmp_path, changed)

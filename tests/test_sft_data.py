@@ -230,7 +230,7 @@ def test_packing_blocks_attention_across_examples(tokenizer) -> None:
     ).eval()  # fmt: skip
     with torch.no_grad():
         # Without a KV cache: with one, transformers does not derive the packed mask (see
-        # rollouts.data.batching; run_sft_training switches the cache off when packing).
+        # rollouts.data.batching; the backends run every forward without one).
         packed_logits = model(
             input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False
         ).logits

@@ -321,12 +321,12 @@ async def run_rl_stage(
         backend.close()
     if is_main:
         tokenizer.save_pretrained(rl_dir / "final_model")
-        summarize_rl(rl, history, before, after, plot_metrics(rl_dir))
+        summarize_rl(rl, history, before, after, len(test), plot_metrics(rl_dir))
     _barrier(world)
 
 
 def summarize_rl(
-    rl: RLStageConfig, history: list[dict], before: dict, after: dict, png: Path
+    rl: RLStageConfig, history: list[dict], before: dict, after: dict, num_test: int, png: Path
 ) -> None:
     steps = [m for m in history if m.get("step", 0) > 0]
     rewards = [m["reward_mean"] for m in steps]
@@ -336,7 +336,7 @@ def summarize_rl(
         f"{sum(rewards[-5:]) / len(rewards[-5:]):.3f} (mean of the last 5)"
     )
     print(
-        f"held-out accuracy (greedy, {len(steps) and rl.test_examples} questions of {held_out}): "
+        f"held-out accuracy (greedy, {num_test} questions of {held_out}): "
         f"SFT {before['accuracy']:.3f} -> SFT+RL {after['accuracy']:.3f}"
     )
     print(

@@ -80,8 +80,9 @@ class TargetConfig:
     """Where training runs."""
 
     device_type: str = "cpu"  # "cpu", "cuda" or "mps"
-    gpu_ranks: tuple[int, ...] = (0,)  # CUDA devices; the single-device backend uses the first
-    backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded across gpu_ranks)
+    gpu_ranks: tuple[int, ...] = (0,)  # the single-device backend's CUDA device (the first);
+    # under fsdp each rank takes cuda:LOCAL_RANK from torchrun instead
+    backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded over torchrun's ranks)
     mixed_precision: str = ""  # fsdp only: compute dtype, e.g. "bfloat16"; "" = model.dtype
 
     def __post_init__(self) -> None:
@@ -138,3 +139,5 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rl.enabled and self.data.task != "addition":
             raise ValueError("rl.enabled needs a task with a reward: set data.task='addition'")
+        if self.rl.enabled and not self.data.val_path:
+            raise ValueError("rl.enabled needs held-out questions: set data.val_path")

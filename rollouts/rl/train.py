@@ -51,6 +51,12 @@ from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_m
 __all__ = ["RLTrainingConfig", "evaluate_greedy", "make_envs", "run_rl_training"]
 
 STALE_POLICIES = ("drop", "requeue")
+# What decides a run's prompts, samples and updates: a resume must not change any of them.
+RESUME_FIXED_FIELDS = (
+    "seed", "prompts_per_step", "group_size", "micro_batch_size", "max_tokens", "temperature",
+    "top_k", "top_p", "stop", "max_turns", "normalize_advantages_by_std", "drop_constant_groups",
+    "success_reward", "async_mode", "max_steps_off_policy", "stale_groups",
+)  # fmt: skip
 STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
 RANK_SEED_STRIDE = 1_000_000_007  # each data-parallel rank samples with its own seeds
 RL_STATE_DIR = "rl_state"
@@ -159,6 +165,7 @@ class _RLRun:
         rows_per_rank = config.prompts_per_step // self.world_size * config.group_size
         self.micro_batches_per_rank = math.ceil(rows_per_rank / config.micro_batch_size)
         self.clock = ActivityClock()
+        self.epoch_orders: dict[int, list[int]] = {}
         self.pushed_version = -1
         self.version_changed: anyio.Event | None = None
         self.push_futures: list[Any] = []
@@ -174,7 +181,10 @@ class _RLRun:
             step * self.config.prompts_per_step, (step + 1) * self.config.prompts_per_step
         ):
             epoch, position = divmod(i, count)
-            order = random.Random(self.config.seed * 1_000_003 + epoch).sample(range(count), count)
+            if epoch not in self.epoch_orders:
+                seeded = random.Random(self.config.seed * 1_000_003 + epoch)
+                self.epoch_orders = {epoch: seeded.sample(range(count), count)}  # one epoch kept
+            order = self.epoch_orders[epoch]
             chosen.append((order[position], self.train_prompts[order[position]]))
         return chosen[self.rank :: self.world_size]
 
@@ -382,12 +392,23 @@ class _RLRun:
             raise ValueError(f"{type(self.backend).__name__} has no checkpoint_dir to resume from")
         states = sorted(Path(checkpoint_dir, RL_STATE_DIR).glob("step_*.json"))
         for state_path in reversed(states):
-            step = int(json.loads(state_path.read_text())["step"])
-            path = checkpoint_path(checkpoint_dir, step)
+            state = json.loads(state_path.read_text())
+            path = checkpoint_path(checkpoint_dir, int(state["step"]))
             if path.is_dir():
+                self.check_resumable(state["config"], state_path)
                 await self.backend.load_checkpoint(path)
-                return step
+                return int(state["step"])
         raise FileNotFoundError(f"resume=True but {checkpoint_dir} holds no RL checkpoint")
+
+    def check_resumable(self, saved: dict[str, Any], state_path: Path) -> None:
+        """The fields that decide samples and updates must be those of the saved run."""
+        now = json.loads(json.dumps(dataclasses.asdict(self.config)))  # tuples as in the file
+        for name in RESUME_FIXED_FIELDS:
+            if saved.get(name) != now[name]:
+                raise ValueError(
+                    f"resume: RLTrainingConfig.{name}={now[name]!r}, but the run in {state_path} "
+                    f"used {saved.get(name)!r}; a resumed run must keep it (or start afresh)"
+                )
 
     def log(self, metrics: dict[str, Any]) -> None:
         self.history.append(metrics)

@@ -117,7 +117,9 @@ def read_examples(path: str | Path, limit: int | None = None) -> list[AdditionEx
     examples: list[AdditionExample] = []
     with open(path, encoding="utf-8") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip() or (limit is not None and len(examples) >= limit):
+            if limit is not None and len(examples) >= limit:
+                break
+            if not line.strip():
                 continue
             try:
                 messages = json.loads(line)["messages"]

@@ -99,7 +99,11 @@ class SerialWorker:
 
     def _run(self) -> None:
         if self._thread_setup is not None:
-            self._thread_setup()
+            try:
+                self._thread_setup()
+            except BaseException as error:  # every call then fails with it: none is left pending
+                with self._lock:
+                    self._failure = ("thread_setup", error)
         while True:
             item = self._queue.get()
             if item is None:

@@ -55,7 +55,10 @@ def mfu_estimator(backend: Any, peak_flops_per_s: float = 0.0) -> Callable[[floa
     if not peak:
         return None
     flops_per_token = 6.0 * num_params
-    return lambda tokens_per_s: tokens_per_s * flops_per_token / peak
+    # tokens/s is the whole step's (every rank's); the peak is one device's.
+    world = getattr(backend, "world", None)
+    total_peak = peak * (world.world_size if world is not None else 1)
+    return lambda tokens_per_s: tokens_per_s * flops_per_token / total_peak
 
 
 def _known_peak(device: torch.device | None) -> float:

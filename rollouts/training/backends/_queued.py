@@ -149,7 +149,10 @@ class QueuedBackend(ABC):
         self, grad_norm: float, step_optimizer: Callable[[], Any], refuse_non_finite: bool = True
     ) -> dict[str, Any]:
         """The end of every `optim_step`, once gradients are normalised and clipped: refuse a
-        non-finite norm (weights untouched), step the optimizer and scheduler, zero the grads."""
+        non-finite norm (weights untouched), step the optimizer and scheduler, zero the grads.
+
+        `step_optimizer` returning False means it skipped the update (a gradient scaler saw an
+        overflow): the schedule and the step count then stay, and the result says `skipped`."""
         if refuse_non_finite and not math.isfinite(grad_norm):
             self.optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(
@@ -157,12 +160,13 @@ class QueuedBackend(ABC):
                 "applied and the weights are those of the last good step"
             )
         lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
-        step_optimizer()
-        if self.scheduler is not None:
-            self.scheduler.step()
+        skipped = step_optimizer() is False
+        if not skipped:
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self._step += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self._step += 1
-        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm}
+        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         result["num_tokens"] = self._accum_tokens
         self._reset_accumulation()
         return result

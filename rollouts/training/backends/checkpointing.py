@@ -4,7 +4,8 @@ A checkpoint is a directory `step_00000042/` under the backend's checkpoint root
 under a hidden temporary name, flushed to disk, and renamed into place: a crash mid-save leaves a
 `.tmp-*` directory (ignored, and removed by the next save) and never a half-written `step_*`.
 Re-saving an existing step moves the old directory aside first and deletes it only after the new
-one is in place.
+one is in place; a crash between the two renames is repaired by the next save of that step (the old
+directory is put back, or dropped if the new one arrived).
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(f".tmp-{final_path.name}-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    for aside in parent.glob(f".old-{final_path.name}-*"):  # a crash between the two renames
+        if final_path.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:  # the old checkpoint was moved aside and the new one never arrived: put it back
+            os.rename(aside, final_path)
     tmp_path = parent / f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}"
     tmp_path.mkdir()
     try:

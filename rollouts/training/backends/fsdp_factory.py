@@ -64,15 +64,21 @@ def create_fsdp_backend(
     Call it on every rank. `world=None` initialises the process group from the torchrun
     environment (`init_distributed()`); the caller tears it down with `destroy_distributed()`.
     `dtype` is the dtype of the sharded (master) weights and the optimizer state;
-    `mixed_precision` ("bfloat16", "float16", "float32" or None) the dtype the forward and
-    backward compute in, with gradients reduced in float32. `num_training_steps=None` gives no
-    scheduler (a constant learning rate) and `scheduler` None; otherwise the warmup schedule
+    `mixed_precision` ("bfloat16", "float32" or None; not "float16", which would need a gradient
+    scaler) the dtype the forward and backward compute in, with gradients reduced in float32.
+    `num_training_steps=None` gives no scheduler (a constant learning rate) and `scheduler` None;
+    otherwise the warmup schedule
     (`warmup_steps_for(num_training_steps, warmup_ratio)` warmup steps) is built and stepped by
     the backend, and returned so the caller can read it. `num_threads` is the backend worker's
     intra-op thread count (None: torch's default).
     """
     torch_dtype = parse_dtype(dtype)
     compute_dtype = parse_dtype(mixed_precision) if mixed_precision is not None else None
+    if compute_dtype == torch.float16:
+        raise ValueError(
+            "mixed_precision='float16' needs a gradient scaler, which the sharded backend does not "
+            "have; use 'bfloat16' (same speed on hardware that has it, no overflow)"
+        )
     schedule = None
     if num_training_steps is not None:  # check the schedule before paying for the model load
         num_warmup_steps = warmup_steps_for(num_training_steps, warmup_ratio)

@@ -23,7 +23,9 @@ Results (plain Python values; tensors only where named):
     forward          -> {"loss": float, "num_tokens": int, "token_weight": float,
                          "logprobs": Tensor [B, T] float32 on CPU (0 where ignored)}
     optim_step       -> {"step": int (steps taken so far), "lr": float (the rate this step used),
-                         "grad_norm": float (global, before clipping), "num_tokens": int}
+                         "grad_norm": float (global, before clipping), "num_tokens": int,
+                         "skipped": bool (True only when a float16 gradient scaler found an
+                         overflow and skipped the update; the schedule then waits too)}
     save_checkpoint  -> Path of the finished checkpoint directory
     load_checkpoint  -> {"step": int}
     get_weights      -> {name: Tensor}, a CPU copy of the model's state dict

@@ -141,9 +141,11 @@ class PyTorchTrainingBackend(QueuedBackend):
             return self._apply_step(grad_norm, self.optimizer.step)
         scaler = self._scaler
 
-        def scaled_step() -> None:
+        def scaled_step() -> bool:
+            scale_before = scaler.get_scale()
             scaler.step(self.optimizer)  # skips the update itself when the grads overflowed
-            scaler.update()
+            scaler.update()  # and then lowers the scale
+            return scaler.get_scale() >= scale_before
 
         # With a scaler an overflow is expected now and then: it skips the step, no error.
         return self._apply_step(grad_norm, scaled_step, refuse_non_finite=False)
@@ -178,13 +180,15 @@ class PyTorchTrainingBackend(QueuedBackend):
         if missing or unexpected:
             raise ValueError(f"{model_file} does not match the model: {missing=} {unexpected=}")
         # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
-        state = torch.load(state_file, map_location=self.device, weights_only=False)
+        # On CPU: the RNG states must stay CPU tensors; the optimizer moves its own state to the
+        # parameters' device in load_state_dict.
+        state = torch.load(state_file, map_location="cpu", weights_only=False)
         self.optimizer.load_state_dict(state["optimizer"])
+        _check_same_presence("scheduler", state["scheduler"], self.scheduler, state_file)
         if self.scheduler is not None:
-            if state["scheduler"] is None:
-                raise ValueError(f"{state_file} holds no scheduler state but this backend has one")
             self.scheduler.load_state_dict(state["scheduler"])
-        if self._scaler is not None and state["scaler"] is not None:
+        _check_same_presence("gradient scaler", state["scaler"], self._scaler, state_file)
+        if self._scaler is not None:
             self._scaler.load_state_dict(state["scaler"])
         restore_rng_state(state["rng"])
         self.optimizer.zero_grad(set_to_none=True)
@@ -279,6 +283,14 @@ def _logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
             "or an object with a .logits tensor"
         )
     return logits
+
+
+def _check_same_presence(name: str, saved: object, live: object, path: Path) -> None:
+    """A checkpoint and the backend loading it agree on having a scheduler (or a scaler)."""
+    if (saved is None) != (live is None):
+        has = "holds" if saved is not None else "holds no"
+        wants = "has none" if live is None else "has one"
+        raise ValueError(f"{path} {has} {name} state but this backend {wants}")
 
 
 def _check_loss_scalar(loss: torch.Tensor) -> None:

@@ -18,21 +18,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from _tiny_model import build_tiny_llama
+from _tiny_model import build_tiny_llama, random_batches
 
 from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import create_adamw_optimizer, create_cross_entropy_loss
 
 BATCH_SIZE, SEQ_LEN, VOCAB_SIZE = 8, 128, 512
-
-
-def make_batches(count: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(count):
-        tokens = torch.randint(0, VOCAB_SIZE, (BATCH_SIZE, SEQ_LEN + 1), generator=generator)
-        batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]})
-    return batches
 
 
 def time_plain_loop(
@@ -66,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per loop, interleaved")
     args = parser.parse_args()
-    batches = make_batches(args.steps)
+    batches = random_batches(args.steps, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE)
 
     plain_model = build_tiny_llama(VOCAB_SIZE)
     plain_optimizer = create_adamw_optimizer(plain_model, 1e-4)

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 import torch
-from _tiny_model import build_tiny_llama
+from _tiny_model import build_tiny_llama, random_batches
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -54,15 +54,6 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<0>")
-
-
-def make_batches(count: int) -> list[dict[str, torch.Tensor]]:
-    generator = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(count):
-        tokens = torch.randint(0, VOCAB_SIZE, (BATCH_SIZE, SEQ_LEN + 1), generator=generator)
-        batches.append({"input_ids": tokens[:, :-1], "labels": tokens[:, 1:]})
-    return batches
 
 
 def run_training(backend: PyTorchTrainingBackend, batches: list[dict[str, torch.Tensor]]) -> float:
@@ -131,7 +122,7 @@ def main() -> None:
     model, tokenizer, batches = (
         build_tiny_llama(VOCAB_SIZE),
         build_tokenizer(),
-        make_batches(args.train_steps),
+        random_batches(args.train_steps, BATCH_SIZE, SEQ_LEN, VOCAB_SIZE),
     )
     engines = {
         setting: HFRolloutEngine(model, tokenizer, mode=setting[0], num_threads=setting[1] or None)

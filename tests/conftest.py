@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB_SIZE = 256
@@ -46,3 +48,14 @@ def make_batch(
     for row, prefix in enumerate(ignore_prefix):
         labels[row, :prefix] = -100
     return {"input_ids": input_ids, "labels": labels}
+
+
+def init_spawned_rank(rank: int, world_size: int, tmp_dir: Path) -> None:
+    """The gloo process group of one rank started by `torch.multiprocessing.spawn` in a test."""
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{tmp_dir / 'pg_init'}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )

@@ -14,7 +14,6 @@ import os
 import subprocess
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import make_batch
+from conftest import init_spawned_rank, make_batch
 
 from rollouts.training import (
     BackendFailedError,
@@ -87,13 +86,7 @@ def max_param_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> fl
 
 
 def _train_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp_dir / 'pg_init'}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
+    init_spawned_rank(rank, WORLD_SIZE, tmp_dir)
     world = init_distributed()  # adopts the group created above
     assert world == World(
         rank=rank,

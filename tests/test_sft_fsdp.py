@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from _sft_helpers import ListLogger, addition_data, make_model_dir
+from conftest import init_spawned_rank
 
 from rollouts.training import SFTTrainingConfig, run_sft_training
 from rollouts.training.backends import create_backend_with_scheduler
@@ -44,13 +44,7 @@ def _rank_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     from rollouts.training.backends.fsdp_factory import create_fsdp_backend
     from rollouts.training.distributed import init_distributed
 
-    dist.init_process_group(
-        "gloo",
-        init_method=f"file://{tmp_dir / 'pg_init'}",
-        rank=rank,
-        world_size=WORLD_SIZE,
-        timeout=timedelta(seconds=60),
-    )
+    init_spawned_rank(rank, WORLD_SIZE, tmp_dir)
     world = init_distributed()  # adopts the group created above
     backend, _ = create_fsdp_backend(
         model_dir, tmp_dir / "fsdp_ckpt", world, dtype="float32", mixed_precision=None, **SCHEDULE

@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import shutil
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -155,29 +154,20 @@ def build_backend(
     return create_pytorch_backend(model_path, checkpoint_dir, **device, **common)
 
 
-def task_accuracy(config: TrainConfig, model: Any, tokenizer: Any) -> float | None:
-    """Greedy accuracy on the validation questions, computed on a short-lived thread.
+ACCURACY_MAX_TOKENS = 12  # an addition answer is at most 4 characters and EOS
 
-    Not on the main thread: the OpenMP thread team that torch's ops create belongs to the thread
-    that ran them and lives as long as it. A team left on the main thread next to the backend's
-    worker team means more OpenMP threads than cores, and libgomp then parks idle threads instead
-    of spinning, which made every later training step about 30% slower on 2 cores.
-    """
+
+async def task_accuracy(config: TrainConfig, engine: Any, tokenizer: Any) -> float | None:
+    """Greedy accuracy on the validation questions, through a rollout engine (the one evaluator
+    both stages use). The engine computes on its own thread, never on the event loop's."""
     if config.data.task != "addition" or not config.data.val_path:
         return None
-    from rollouts.tasks.addition import evaluate_accuracy
-
     examples = read_examples(config.data.val_path, config.data.accuracy_examples)
-    prompts = [example.task_prompt() for example in examples]
-    outcome: list[float] = []
-    thread = threading.Thread(
-        target=lambda: outcome.append(evaluate_accuracy(model, tokenizer, prompts))
+    task = AdditionTask([], examples)
+    scores = await evaluate_greedy(
+        engine, tokenizer, task, task.eval_prompts(), max_tokens=ACCURACY_MAX_TOKENS
     )
-    thread.start()
-    thread.join()
-    if not outcome:
-        raise RuntimeError("the accuracy evaluation failed; its traceback is printed above")
-    return outcome[0]
+    return scores["accuracy"]
 
 
 def prepare_output_dir(config: TrainConfig) -> Path:
@@ -246,22 +236,23 @@ async def run_sft_stage(
     backend = build_backend(
         config, model_path, output_dir / "checkpoints", world, config.sft, num_steps
     )
-    eval_model = (
-        load_hf_model(model_path, parse_dtype(config.model.dtype), None) if is_main else None
-    )
+    eval_engine = None
+    if is_main:  # a thread-mode engine: its own copy of the model, computing on its own thread
+        eval_model = load_hf_model(model_path, parse_dtype(config.model.dtype), None)
+        eval_engine = HFRolloutEngine(eval_model, tokenizer, mode="thread", num_threads=None)
     logger = JSONLLogger(output_dir / "metrics.jsonl") if is_main else None
     accuracy_before = accuracy_after = None
     try:
         # Accuracy before training: of the initial model, so only for a fresh run.
         if is_main and not config.sft.resume:
-            accuracy_before = task_accuracy(config, eval_model, tokenizer)
+            accuracy_before = await task_accuracy(config, eval_engine, tokenizer)
             if accuracy_before is not None:
                 logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
         result = await run_sft_training(backend, train, config.sft, eval_data=val, logger=logger)
         weights = await backend.get_weights()  # every rank takes part; rank 0 gets them
         if is_main:
-            eval_model.load_state_dict(weights)
-            accuracy_after = task_accuracy(config, eval_model, tokenizer)
+            await eval_engine.load_weights(weights, 1)
+            accuracy_after = await task_accuracy(config, eval_engine, tokenizer)
             if accuracy_after is not None:
                 logger.log(
                     {"kind": "task_eval", "step": result.final_step, "val_accuracy": accuracy_after}
@@ -270,6 +261,8 @@ async def run_sft_stage(
     finally:
         if logger is not None:
             logger.close()
+        if eval_engine is not None:
+            eval_engine.close()
         backend.close()
     if is_main:
         tokenizer.save_pretrained(output_dir / "final_model")
@@ -307,12 +300,11 @@ async def run_rl_stage(
         for e in read_examples(rl.test_path or config.data.val_path, rl.test_examples)
     ]
     logger = JSONLLogger(rl_dir / "metrics.jsonl") if is_main else None
+    greedy = dict(max_tokens=ACCURACY_MAX_TOKENS, success_reward=rl.training.success_reward)
     try:
-        before = (
-            await evaluate_greedy(engine, tokenizer, task, test, rl.training) if is_main else {}
-        )
+        before = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         history = await run_rl_training(backend, engine, task, rl.training, logger, tokenizer)
-        after = await evaluate_greedy(engine, tokenizer, task, test, rl.training) if is_main else {}
+        after = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         await backend.export_hf(rl_dir / "final_model")
     finally:
         if logger is not None:

@@ -367,9 +367,11 @@ class _RLRun:
         """Greedy answers to the held-out prompts with the latest pushed weights (rank 0)."""
         if not self.eval_prompts or self.rank != 0:
             return {}
+        c = self.config
         scores = await evaluate_greedy(
-            self.engine, self.tokenizer, self.task, self.eval_prompts, self.config
-        )
+            self.engine, self.tokenizer, self.task, self.eval_prompts, max_tokens=c.max_tokens,
+            success_reward=c.success_reward, max_turns=c.max_turns, stop=c.stop,
+        )  # fmt: skip
         return {f"eval_{key}": value for key, value in scores.items()} | {
             "eval_version": self.pushed_version
         }
@@ -427,15 +429,21 @@ async def evaluate_greedy(
     tokenizer: Any,
     task: Task,
     prompts: Sequence[TaskPrompt],
-    config: RLTrainingConfig,
+    *,
+    max_tokens: int,
+    success_reward: float = 1.0,
+    max_turns: int = 1,
+    stop: tuple[str, ...] | None = None,
 ) -> dict[str, float]:
     """Greedy (temperature 0) answers to `prompts` with the engine's current weights:
-    `accuracy` (share of rewards >= `config.success_reward`) and `reward_mean`."""
+    `accuracy` (share of rewards >= `success_reward`) and `reward_mean`."""
+    if not prompts:
+        raise ValueError("evaluate_greedy needs at least one prompt")
     envs = [env for prompt in prompts for env in make_envs(task, prompt, 1)]
-    greedy = dataclasses.replace(config.sampling_params(0), temperature=0.0)
-    trajectories = await run_episodes(engine, tokenizer, envs, greedy, config.max_turns)
+    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop, seed=0)
+    trajectories = await run_episodes(engine, tokenizer, envs, greedy, max_turns)
     rewards = [t.reward for t in trajectories]
-    correct = [float(r >= config.success_reward) for r in rewards]
+    correct = [float(r >= success_reward) for r in rewards]
     return {"accuracy": _mean(correct), "reward_mean": _mean(rewards)}
 
 

@@ -8,8 +8,8 @@ seeds or sizes are asked for:
     crc32("a+b") % 10 == 0 -> "val",   == 5 -> "test",   otherwise -> "train"
 
 `reward` is exact match (1.0 or 0.0) of the stripped completion, where the completion is the text
-a model generated after the assistant turn started, up to EOS. `evaluate_accuracy` is greedy
-decoding of a Hugging Face causal LM, batched, on any list of examples.
+a model generated after the assistant turn started, up to EOS. Greedy accuracy is measured through
+a rollout engine with `rollouts.rl.train.evaluate_greedy` and an `AdditionTask`.
 """
 
 from __future__ import annotations
@@ -20,9 +20,6 @@ import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from rollouts.tasks.protocol import TaskPrompt
 
@@ -31,7 +28,6 @@ __all__ = [
     "AdditionExample",
     "AdditionTask",
     "answer_for",
-    "evaluate_accuracy",
     "generate_examples",
     "read_examples",
     "reward",
@@ -167,61 +163,3 @@ class AdditionTask:
 
     def reward(self, prompt: TaskPrompt, completion: str) -> float:
         return reward(prompt, completion)
-
-
-@torch.no_grad()
-def evaluate_accuracy(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[AdditionExample | TaskPrompt],
-    batch_size: int = 128,
-    max_new_tokens: int = 12,
-) -> float:
-    """Fraction of `examples` a model answers exactly, by greedy decoding (batched generate)."""
-    if not examples:
-        raise ValueError("evaluate_accuracy needs at least one example")
-    prompts = [e.task_prompt() if isinstance(e, AdditionExample) else e for e in examples]
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    correct = 0.0
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start : start + batch_size]
-            completions = greedy_completions(model, tokenizer, chunk, device, max_new_tokens)
-            correct += sum(reward(p, c) for p, c in zip(chunk, completions, strict=True))
-    finally:
-        model.train(was_training)
-    return correct / len(prompts)
-
-
-def greedy_completions(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[TaskPrompt],
-    device: torch.device,
-    max_new_tokens: int,
-) -> list[str]:
-    """The text each prompt's greedy continuation holds after the assistant turn, up to EOS."""
-    texts = [
-        tokenizer.apply_chat_template(list(p.messages), tokenize=False, add_generation_prompt=True)
-        for p in prompts
-    ]
-    # Left padding lines the prompts' ends up, so every continuation starts at the same column.
-    encoded = tokenizer(
-        texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False
-    ).to(device)
-    output_ids = model.generate(
-        **encoded,
-        do_sample=False,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    new_ids = output_ids[:, encoded["input_ids"].shape[1] :].tolist()
-    completions = []
-    for row in new_ids:
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        completions.append(tokenizer.decode(row, skip_special_tokens=True))
-    return completions

@@ -343,3 +343,27 @@ def test_a_crash_between_the_renames_is_repaired_by_the_next_save(tmp_path: Path
         raise OSError("disk full")  # the next save fails too; the old checkpoint is back anyway
     assert (final / "weights").read_text() == "good"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_checkpoint_round_trip(tiny_model_dir: Path, tmp_path: Path) -> None:
+    def build(directory: Path) -> PyTorchTrainingBackend:
+        model = load_hf_model(tiny_model_dir, torch.float32, {"": 0})
+        return PyTorchTrainingBackend(
+            model, create_adamw_optimizer(model, LR), create_cross_entropy_loss(), directory,
+            "cuda:0",
+        )  # fmt: skip
+
+    batches = [make_batch(seed) for seed in range(4)]
+    with build(tmp_path / "a") as backend:
+        for batch in batches[:2]:
+            backend.forward_backward(batch)
+            backend.optim_step()
+        path = backend.save_checkpoint(2).wait()
+        expected = [(backend.forward_backward(b), backend.optim_step()) for b in batches[2:]]
+        expected_losses = [fb.wait()["loss"] for fb, _ in expected]
+    with build(tmp_path / "b") as resumed:
+        resumed.load_checkpoint(path).wait()  # RNG state stays on CPU, optimizer state on GPU
+        losses = [resumed.forward_backward(b).wait()["loss"] for b in batches[2:3]]
+    assert losses == expected_losses[:1]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB_SIZE = 256
@@ -59,3 +62,17 @@ def init_spawned_rank(rank: int, world_size: int, tmp_dir: Path) -> None:
         world_size=world_size,
         timeout=timedelta(seconds=60),
     )
+
+
+def spawn_ranks(job: Callable[..., None], args: tuple, world_size: int) -> None:
+    """Run `job(rank, *args)` in `world_size` spawned processes with one intra-op thread each,
+    as torchrun sets it (the ranks share the cores); the caller's environment is restored."""
+    saved_threads = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        mp.spawn(job, args=args, nprocs=world_size, join=True)
+    finally:
+        if saved_threads is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved_threads

@@ -10,7 +10,6 @@ within a bounded time.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -20,8 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import init_spawned_rank, make_batch
+from conftest import init_spawned_rank, make_batch, spawn_ranks
 
 from rollouts.training import (
     BackendFailedError,
@@ -196,15 +194,7 @@ def _single_device_reference(model_dir: Path, tmp_dir: Path) -> dict[str, Any]:
 def job(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp_dir = tmp_path_factory.mktemp("fsdp_job")
     reference = _single_device_reference(tiny_model_dir, tmp_dir / "reference")
-    saved_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun sets it: the ranks share the cores
-    try:
-        mp.spawn(_train_job, args=(tmp_dir, tiny_model_dir), nprocs=WORLD_SIZE, join=True)
-    finally:
-        if saved_threads is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_threads
+    spawn_ranks(_train_job, (tmp_dir, tiny_model_dir), WORLD_SIZE)
     ranks = [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return {"reference": reference, "ranks": ranks, "tmp_dir": tmp_dir}
 

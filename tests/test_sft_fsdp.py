@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from _sft_helpers import ListLogger, addition_data, make_model_dir
-from conftest import init_spawned_rank
+from conftest import init_spawned_rank, spawn_ranks
 
 from rollouts.training import SFTTrainingConfig, run_sft_training
 from rollouts.training.backends import create_backend_with_scheduler
@@ -66,15 +64,7 @@ def _records(path: Path, kind: str, key: str) -> dict[int, float]:
 @pytest.mark.distributed
 def test_two_fsdp_ranks_train_like_one_device(tmp_path: Path) -> None:
     model_dir = make_model_dir(tmp_path / "model")
-    saved_threads = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"  # as torchrun sets it: the ranks share the cores
-    try:
-        mp.spawn(_rank_job, args=(tmp_path, model_dir), nprocs=WORLD_SIZE, join=True)
-    finally:
-        if saved_threads is None:
-            del os.environ["OMP_NUM_THREADS"]
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved_threads
+    spawn_ranks(_rank_job, (tmp_path, model_dir), WORLD_SIZE)
 
     train, val = _data()
     reference = ListLogger()

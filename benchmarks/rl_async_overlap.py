@@ -21,7 +21,7 @@ from _tiny_model import build_tiny_llama
 
 from rollouts.data.char_tokenizer import build_char_tokenizer
 from rollouts.inference import HFRolloutEngine
-from rollouts.rl.train import RLTrainingConfig, run_rl_training
+from rollouts.rl import RLTrainingConfig, run_rl_training
 from rollouts.tasks.addition import AdditionTask, generate_examples
 from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import create_adamw_optimizer

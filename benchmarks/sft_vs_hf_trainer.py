@@ -30,7 +30,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
 from rollouts.data import SFTDataset, build_char_tokenizer, tokenize_records
-from rollouts.training import PyTorchTrainingBackend, SFTTrainingConfig, run_sft_training
+from rollouts.sft import SFTTrainingConfig, run_sft_training
+from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import (
     create_adamw_optimizer,
     create_cross_entropy_loss,

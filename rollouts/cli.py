@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: beside it)")
     args = parser.parse_args(argv)
     if args.command == "plot":
-        from rollouts.training.logging import plot_metrics
+        from rollouts.monitoring.logging import plot_metrics
 
         print(plot_metrics(args.run, args.out))
     return 0

@@ -16,15 +16,16 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollouts.data import SFTDataset, build_char_tokenizer, tokenize_records
+from rollouts.sft import SFTTrainingConfig, run_sft_training
+from rollouts.sft.train import count_sft_steps
 from rollouts.tasks.addition import generate_examples
-from rollouts.training import PyTorchTrainingBackend, SFTTrainingConfig, run_sft_training
+from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import (
     create_adamw_optimizer,
     create_warmup_scheduler,
     load_hf_model,
 )
 from rollouts.training.losses import LossFn, cross_entropy_loss
-from rollouts.training.sft import count_sft_steps
 
 MAX_LENGTH = 24
 

@@ -12,8 +12,8 @@ import torch
 import trio
 from conftest import make_batch
 
+from rollouts.core.worker import SerialWorker
 from rollouts.training import BackendFailedError, BackendQueueFullError, PyTorchTrainingBackend
-from rollouts.training._worker import SerialWorker
 from rollouts.training.backends import (
     create_adamw_optimizer,
     create_cross_entropy_loss,

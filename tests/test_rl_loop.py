@@ -16,8 +16,8 @@ from transformers import LlamaForCausalLM
 from rollouts.data.char_tokenizer import build_char_tokenizer
 from rollouts.inference import HFRolloutEngine
 from rollouts.rl.batching import Group
-from rollouts.rl.episodes import Trajectory
 from rollouts.rl.train import RLTrainingConfig, _RLRun, _Rollout, run_rl_training
+from rollouts.tasks.episodes import Trajectory
 from rollouts.tasks.protocol import TaskPrompt
 from rollouts.training import PyTorchTrainingBackend
 from rollouts.training.backends import create_adamw_optimizer

@@ -11,8 +11,10 @@ from collections.abc import Sequence
 import pytest
 import torch
 
+from rollouts.core.futures import TrainFuture
 from rollouts.data.char_tokenizer import build_char_tokenizer
 from rollouts.inference import Completion, SamplingParams
+from rollouts.monitoring.clock import ActivityClock
 from rollouts.rl.batching import (
     Group,
     build_micro_batches,
@@ -20,10 +22,8 @@ from rollouts.rl.batching import (
     group_advantages,
     split_by_staleness,
 )
-from rollouts.rl.episodes import Trajectory, render_prompt_ids, run_episodes
-from rollouts.rl.metrics import ActivityClock
+from rollouts.tasks.episodes import Trajectory, render_prompt_ids, run_episodes
 from rollouts.tasks.protocol import SingleTurnEnv, StepResult, TaskPrompt
-from rollouts.training.futures import TrainFuture
 
 
 def test_group_advantages_centre_and_scale() -> None:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from _sft_helpers import ListLogger, addition_data, make_model_dir
 from conftest import init_spawned_rank, spawn_ranks
 
-from rollouts.training import SFTTrainingConfig, run_sft_training
+from rollouts.sft import SFTTrainingConfig, run_sft_training
 from rollouts.training.backends import create_backend_with_scheduler
 
 WORLD_SIZE = 2

@@ -17,16 +17,14 @@ from _sft_helpers import ListLogger, addition_data, make_backend, make_model_dir
 
 from rollouts.cli import main as cli_main
 from rollouts.data import collate_padded
+from rollouts.monitoring import JSONLLogger, plot_metrics
+from rollouts.monitoring.logging import ProgressBar, TensorBoardLogger, WandbLogger, read_metrics
+from rollouts.sft import SFTTrainingConfig, run_sft_training
 from rollouts.training import (
-    JSONLLogger,
-    SFTTrainingConfig,
     calculate_perplexity,
-    plot_metrics,
-    run_sft_training,
     run_validation_epoch,
 )
 from rollouts.training.backends import list_checkpoints
-from rollouts.training.logging import ProgressBar, TensorBoardLogger, WandbLogger, read_metrics
 from rollouts.training.loop import NonFiniteLossError, TrainStep, run_training_epoch
 from rollouts.training.losses import cross_entropy_loss
 
@@ -314,7 +312,7 @@ def test_progress_bar_is_silent_without_a_terminal(capsys) -> None:
 
 @pytest.mark.asyncio
 async def test_packing_run_and_mfu(model_dir, tmp_path) -> None:
-    from rollouts.training.sft import count_sft_steps
+    from rollouts.sft.train import count_sft_steps
 
     train_data = addition_data("train", 64, max_length=32)
 

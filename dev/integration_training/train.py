@@ -30,9 +30,12 @@ import tyro
 
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
-from rollouts.rl.train import evaluate_greedy, run_rl_training
+from rollouts.monitoring import JSONLLogger, plot_metrics
+from rollouts.rl import run_rl_training
+from rollouts.sft import count_sft_steps, run_sft_training
 from rollouts.tasks.addition import AdditionTask, read_examples
-from rollouts.training import JSONLLogger, TrainingBackend, plot_metrics, run_sft_training
+from rollouts.tasks.evaluation import evaluate_greedy
+from rollouts.training import TrainingBackend
 from rollouts.training.backends import (
     create_backend_with_scheduler,
     create_fsdp_backend,
@@ -42,7 +45,6 @@ from rollouts.training.backends import (
 )
 from rollouts.training.distributed import World, destroy_distributed, init_distributed
 from rollouts.training.losses import LossFn, make_rl_loss
-from rollouts.training.sft import count_sft_steps
 
 # Config files import the schema as `train_config`, from whatever directory the command runs in.
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rollouts.rl.train import RLTrainingConfig
-from rollouts.training import SFTTrainingConfig
+from rollouts.rl import RLTrainingConfig
+from rollouts.sft import SFTTrainingConfig
 from rollouts.training.losses import RL_LOSSES
 
 __all__ = [

@@ -49,10 +49,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from rollouts.core.futures import TrainFuture
+from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
 from rollouts.inference._sampling import generate
 from rollouts.inference.protocol import Completion, SamplingParams
-from rollouts.training._worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
-from rollouts.training.futures import TrainFuture
 
 __all__ = ["ENGINE_MODES", "HFRolloutEngine"]
 

@@ -20,7 +20,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from rollouts.training.futures import TrainFuture
+from rollouts.core.futures import TrainFuture
 
 __all__ = ["FINISH_REASONS", "Completion", "RolloutEngine", "SamplingParams"]
 

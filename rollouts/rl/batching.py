@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rollouts.rl.episodes import Trajectory
+from rollouts.tasks.episodes import Trajectory
 from rollouts.training.losses import IGNORE_INDEX
 
 __all__ = [

@@ -34,6 +34,7 @@ import anyio
 import torch
 
 from rollouts.inference import RolloutEngine, SamplingParams
+from rollouts.monitoring.clock import ActivityClock
 from rollouts.rl.batching import (
     Group,
     build_micro_batches,
@@ -41,14 +42,14 @@ from rollouts.rl.batching import (
     group_advantages,
     split_by_staleness,
 )
-from rollouts.rl.episodes import run_episodes
-from rollouts.rl.metrics import ActivityClock
-from rollouts.tasks.protocol import Env, SingleTurnEnv, Task, TaskPrompt
+from rollouts.tasks.episodes import run_episodes
+from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
+from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.checkpointing import checkpoint_path
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
 
-__all__ = ["RLTrainingConfig", "evaluate_greedy", "make_envs", "run_rl_training"]
+__all__ = ["RLTrainingConfig", "run_rl_training"]
 
 STALE_POLICIES = ("drop", "requeue")
 # What decides a run's prompts, samples and updates: a resume must not change any of them.
@@ -252,12 +253,12 @@ class _RLRun:
             fresh += await self.sample_groups(indexed, self.step_seed(rollout.step, 1))
         lags = Counter(rollout.step - t.weight_version for g in fresh for t in g.trajectories)
         metrics["staleness_hist"] = {str(lag): n for lag, n in sorted(lags.items())}
-        metrics["staleness_mean"] = _mean([float(lag) for lag in lags.elements()])
+        metrics["staleness_mean"] = mean_or_nan([float(lag) for lag in lags.elements()])
         kinds = Counter(classify_group(g.rewards, self.config.success_reward) for g in fresh)
         for kind in ("all_correct", "all_wrong", "mixed"):
             metrics[f"frac_{kind}"] = kinds[kind] / max(1, len(fresh))
         rewards = [r for g in fresh for r in g.rewards]
-        metrics["reward_mean"] = _mean(rewards)
+        metrics["reward_mean"] = mean_or_nan(rewards)
         metrics["reward_std"] = statistics.pstdev(rewards) if rewards else math.nan
         # With several ranks every rank must make the same calls, so nothing is dropped here:
         # a constant group has zero advantage and adds nothing to the policy gradient anyway.
@@ -418,41 +419,8 @@ class _RLRun:
             self.logger.log(metrics)
 
 
-def make_envs(task: Task, prompt: TaskPrompt, count: int) -> list[Env]:
-    """`count` environments for one prompt: the task's own (`make_env`) or one-step ones."""
-    make_env = getattr(task, "make_env", None)
-    return [make_env(prompt) if make_env else SingleTurnEnv(task, prompt) for _ in range(count)]
-
-
-async def evaluate_greedy(
-    engine: RolloutEngine,
-    tokenizer: Any,
-    task: Task,
-    prompts: Sequence[TaskPrompt],
-    *,
-    max_tokens: int,
-    success_reward: float = 1.0,
-    max_turns: int = 1,
-    stop: tuple[str, ...] | None = None,
-) -> dict[str, float]:
-    """Greedy (temperature 0) answers to `prompts` with the engine's current weights:
-    `accuracy` (share of rewards >= `success_reward`) and `reward_mean`."""
-    if not prompts:
-        raise ValueError("evaluate_greedy needs at least one prompt")
-    envs = [env for prompt in prompts for env in make_envs(task, prompt, 1)]
-    greedy = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=stop, seed=0)
-    trajectories = await run_episodes(engine, tokenizer, envs, greedy, max_turns)
-    rewards = [t.reward for t in trajectories]
-    correct = [float(r >= success_reward) for r in rewards]
-    return {"accuracy": _mean(correct), "reward_mean": _mean(rewards)}
-
-
 def _rl_state_path(checkpoint: Path) -> Path:
     return checkpoint.parent / RL_STATE_DIR / f"{checkpoint.name}.json"
-
-
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else math.nan
 
 
 async def run_rl_training(

@@ -21,8 +21,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from rollouts.core.futures import TrainFuture
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch
 
 __all__ = [

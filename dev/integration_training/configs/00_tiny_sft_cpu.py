@@ -11,7 +11,7 @@ from pathlib import Path
 
 from train_config import DataConfig, ModelConfig, TargetConfig, TrainConfig
 
-from rollouts.training import SFTTrainingConfig
+from rollouts.sft import SFTTrainingConfig
 
 DATA_DIR = Path(__file__).resolve().parents[1] / "data"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from train_config import RLStageConfig
 
-from rollouts.rl.train import RLTrainingConfig
+from rollouts.rl import RLTrainingConfig
 
 HERE = Path(__file__).resolve().parent
 sft_only = runpy.run_path(str(HERE / "00_tiny_sft_cpu.py"))["config"]

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 
-from rollouts.training._worker import SerialWorker
+from rollouts.core.futures import TrainFuture
+from rollouts.core.worker import SerialWorker
 from rollouts.training.backends.protocol import NORMALIZATIONS
-from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch, label_logprobs
 
 __all__ = [

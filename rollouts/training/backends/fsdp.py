@@ -51,7 +51,8 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from rollouts.training._worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.core.futures import TrainFuture
+from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
 from rollouts.training.backends._queued import (
     QueuedBackend,
     check_step_options,
@@ -67,7 +68,6 @@ from rollouts.training.backends.checkpointing import (
 )
 from rollouts.training.backends.pytorch import _check_loss_scalar, _logits_of, _to_device
 from rollouts.training.distributed import World
-from rollouts.training.futures import TrainFuture
 from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]

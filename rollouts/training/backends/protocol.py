@@ -39,7 +39,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from rollouts.training.futures import TrainFuture
+from rollouts.core.futures import TrainFuture
 from rollouts.training.losses import Batch
 
 __all__ = ["NORMALIZATIONS", "TrainingBackend"]

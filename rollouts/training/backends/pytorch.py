@@ -1,6 +1,6 @@
 """`PyTorchTrainingBackend`: the `TrainingBackend` protocol on one device (CPU, CUDA or MPS).
 
-All work runs on one worker thread in submission order (see `rollouts.training._worker`), so every
+All work runs on one worker thread in submission order (see `rollouts.core.worker`), so every
 torch op of the backend happens on the same thread and uses one OpenMP team; the caller's thread
 (an event loop, say) only queues calls and is woken when they finish.
 
@@ -23,7 +23,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from rollouts.training._worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
 from rollouts.training.backends._queued import (
     QueuedBackend,
     check_step_options,

@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from rollouts.training.futures import TrainFuture
+from rollouts.core.futures import TrainFuture
 
 T = TypeVar("T")
 

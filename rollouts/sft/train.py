@@ -52,16 +52,16 @@ from rollouts.data.batching import (
     plan_micro_batches,
 )
 from rollouts.data.sft import SFTDataset
+from rollouts.monitoring.device import device_metrics, mfu_estimator
+from rollouts.monitoring.logging import ProgressBar
 from rollouts.training.backends.checkpointing import list_checkpoints
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.logging import ProgressBar
 from rollouts.training.loop import (
     StepResult,
     TrainStep,
     run_training_epoch,
     run_validation_epoch,
 )
-from rollouts.training.metrics import device_metrics, mfu_estimator
 
 __all__ = [
     "SFT_STATE_FILE",

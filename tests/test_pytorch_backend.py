@@ -16,6 +16,8 @@ from rollouts.training.backends import (
     find_latest_checkpoint,
     load_hf_model,
 )
+from rollouts.training.errors import NoWeightedTokensError
+from rollouts.training.losses import cross_entropy_loss
 
 LR = 1e-3
 
@@ -120,7 +122,7 @@ def test_forward_returns_label_logprobs_without_gradients(
         expected = torch.log_softmax(model(input_ids=batch["input_ids"]).logits, dim=-1)
     with build_backend(tiny_model_dir, tmp_path) as backend:
         result = backend.forward(batch).wait()
-        with pytest.raises(RuntimeError, match="no forward_backward"):
+        with pytest.raises(NoWeightedTokensError, match="no forward_backward"):
             backend.optim_step().wait()  # forward left no gradient behind
     valid = batch["labels"] != -100
     gathered = expected.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
@@ -234,7 +236,7 @@ def test_crash_mid_save_keeps_the_last_good_checkpoint(
 def test_save_refuses_unapplied_gradients(tiny_model_dir: Path, tmp_path: Path) -> None:
     with build_backend(tiny_model_dir, tmp_path) as backend:
         backend.forward_backward(make_batch(0)).wait()
-        with pytest.raises(RuntimeError, match="call optim_step first"):
+        with pytest.raises(RuntimeError, match="gradients not yet applied"):
             backend.save_checkpoint(0).wait()
 
 
@@ -249,8 +251,17 @@ def test_load_of_a_missing_checkpoint_names_the_path(tiny_model_dir: Path, tmp_p
 def test_worker_exception_reaches_awaiter_then_backend_refuses(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
+    class BrokenBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, x: torch.Tensor) -> torch.Tensor:
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx: object, grad: torch.Tensor) -> torch.Tensor:
+            raise ZeroDivisionError("broken loss")
+
     def broken_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
-        raise ZeroDivisionError("broken loss")
+        return BrokenBackward.apply(cross_entropy_loss(logits, batch))
 
     model = load_hf_model(tiny_model_dir, torch.float32, None)
     optimizer = create_adamw_optimizer(model, LR)
@@ -259,7 +270,7 @@ def test_worker_exception_reaches_awaiter_then_backend_refuses(
     queued = backend.optim_step()
     with pytest.raises(ZeroDivisionError, match="broken loss") as info:
         failing.wait(timeout=30)
-    assert any(entry.name == "broken_loss" for entry in info.traceback)
+    assert any(entry.name == "backward" for entry in info.traceback)
     with pytest.raises(BackendFailedError, match="forward_backward#1") as queued_info:
         queued.wait(timeout=30)
     assert isinstance(queued_info.value.__cause__, ZeroDivisionError)

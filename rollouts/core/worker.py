@@ -198,8 +198,8 @@ class SerialWorker:
         error = failure.error
         hint = self._recovery_hints.get(failure.suspect, "")
         return (
-            f"{failure.label} raised {type(error).__name__}: {error}; it may have left the "
-            f"{failure.suspect} half-changed" + (f". To recover: {hint}" if hint else "")
+            f"{failure.label} raised {type(error).__name__}: {error} (it may have left the "
+            f"{failure.suspect} half-changed)" + (f"; to recover, {hint}" if hint else "")
         )
 
     def _run(self) -> None:
@@ -208,7 +208,7 @@ class SerialWorker:
                 self._thread_setup()
             except BaseException as error:  # every call then fails with it: none is left pending
                 with self._lock:
-                    self._failure = _Failure("thread_setup", error, "worker thread")
+                    self._failure = _Failure("thread_setup", error, "worker thread setup")
         while True:
             item = self._queue.get()
             if item is None:

@@ -48,6 +48,9 @@ class World:
     local_rank: int
     device: torch.device
     backend: str  # "gloo" or "nccl"
+    # The bound on every collective; an adopted group's own timeout is not readable through a
+    # public API, so it is taken to be the default (pass a World of your own to say otherwise).
+    timeout_s: float = TIMEOUT_S_DEFAULT
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -56,6 +59,8 @@ class World:
             raise ValueError(f"World.rank must lie in [0, {self.world_size}), got {self.rank}")
         if self.local_rank < 0:
             raise ValueError(f"World.local_rank must be >= 0, got {self.local_rank}")
+        if not self.timeout_s > 0:
+            raise ValueError(f"World.timeout_s must be > 0, got {self.timeout_s}")
 
     @property
     def is_main(self) -> bool:
@@ -97,7 +102,12 @@ def init_distributed(
         device_id=device if device.type == "cuda" else None,
     )
     return World(
-        rank=rank, world_size=world_size, local_rank=local_rank, device=device, backend=backend
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        device=device,
+        backend=backend,
+        timeout_s=timeout_s,
     )
 
 

@@ -1,41 +1,356 @@
-"""The part every backend shares: protocol calls queued on one worker thread, and the bookkeeping
-of gradients accumulated between optimizer steps.
+"""What every backend shares, written once: protocol calls queued on one worker thread, batch
+checks at submission, the training step's bodies, gradient accumulation, and the checkpoint
+listing.
 
-A backend subclasses `QueuedBackend` and writes the bodies (`_forward_backward`, `_forward`,
-`_optim_step`, `_save_checkpoint`, `_load_checkpoint`, `_get_weights`, `_export_hf`); the public
-methods here queue them in submission order and return their futures.
+A backend subclasses `QueuedBackend` and supplies what differs between one device and many:
+the model call (`_logits`), how a call's figures combine over ranks (`_call_stats`), clipping
+(`_clip_gradients`), the optimizer step (`_step_optimizer`), and the checkpoint and weight bodies
+(`_write_checkpoint`, `_load_checkpoint`, `_get_weights`, `_sampler_weights`, `_export_hf`).
+
+How a step is computed (normalisation "token_mean"), with W_i the token weight of call i (over
+all ranks) and R the step's reference weight:
+    forward_backward(micro_batch_i):  backward of  mean_i * W_i / R
+    optim_step():                     grads /= sum_i W_i / R ; clip ; optimizer.step ; schedule
+which is the gradient of the weighted mean over every token of the step, however the tokens are
+split over calls and ranks. On one device R is the first non-zero W_i, so a step of one call
+backpropagates `mean * 1.0`, bit-identical to a plain loop; across ranks R = 1 (each rank's
+slice sum, added up by the sharded reduction). "sum" leaves the weighted sum unnormalised.
 """
 
 from __future__ import annotations
 
 import math
+import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from rollouts.core.futures import TrainFuture
-from rollouts.core.worker import SerialWorker
-from rollouts.training.backends.protocol import NORMALIZATIONS
-from rollouts.training.losses import Batch, label_logprobs
+from rollouts.core.weights import WeightUpdate
+from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.training.backends.checkpointing import checkpoint_path, list_checkpoints, step_of
+from rollouts.training.backends.protocol import NORMALIZATIONS, Checkpoint, DataParallel
+from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
+from rollouts.training.errors import (
+    NonFiniteGradientError,
+    NoWeightedTokensError,
+    PendingGradientsError,
+)
+from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
 
-__all__ = [
-    "QueuedBackend",
-    "check_step_options",
-    "require_save_pretrained",
-    "sampler_comparison",
-    "thread_setup",
-]
+__all__ = ["QueuedBackend", "require_save_pretrained", "thread_setup"]
+
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
+GRADIENTS, WEIGHTS = "gradients", "weights"  # the states a failed call may leave suspect
+RECOVERY_HINTS = {
+    GRADIENTS: "call discard_gradients() (or load_checkpoint(path)); the weights are intact",
+    WEIGHTS: "call load_checkpoint(path) to restore weights and optimizer from a checkpoint",
+}
 
 
-def check_step_options(normalization: str, max_grad_norm: float | None) -> None:
-    """The constructor checks every backend makes of its loss normalisation and clipping."""
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
-    if max_grad_norm is not None and not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+class QueuedBackend(ABC):
+    """Protocol methods over a `SerialWorker`; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss_fn: LossFn,
+        checkpoint_dir: str | Path,
+        device: torch.device,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None,
+        max_grad_norm: float | None,
+        normalization: str,
+        queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
+        num_threads: int | None = None,
+        close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
+        data_parallel: DataParallel | None = None,
+        recovery_hints: dict[str, str] | None = None,
+    ) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        self.scheduler = scheduler
+        self.checkpoint_dir = Path(checkpoint_dir)
+        self.max_grad_norm, self.normalization = max_grad_norm, normalization
+        self._device = device
+        self._data_parallel = data_parallel or DataParallel()
+        self._params = [p for p in model.parameters() if p.requires_grad]
+        self._num_parameters = sum(p.numel() for p in model.parameters())  # global for DTensors
+        self._vocab_in, self._vocab_out = _vocab_sizes(model)
+        self._step = 0
+        self._reset_accumulation()
+        self._recovery_hints = recovery_hints or RECOVERY_HINTS
+        self._worker = SerialWorker(
+            name,
+            queue_depth_max,
+            thread_setup(num_threads, device),
+            close_timeout_s=close_timeout_s,
+            recovery_hints=self._recovery_hints,
+        )
+        self.queue_depth_max = queue_depth_max
+
+    # -- what orchestrators read -------------------------------------------------------------------
+
+    @property
+    def data_parallel(self) -> DataParallel:
+        return self._data_parallel
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def num_parameters(self) -> int:
+        return self._num_parameters
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken (read it from a result to be in order with the stream)."""
+        return self._step
+
+    # -- the protocol: each call queues its body on the worker -------------------------------------
+
+    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
+        values_checked = self._check_batch(batch, "forward_backward")
+        return self._worker.submit(
+            "forward_backward", lambda: self._forward_backward(batch, values_checked)
+        )
+
+    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
+        values_checked = self._check_batch(batch, "forward")
+        return self._worker.submit("forward", lambda: self._forward(batch, values_checked))
+
+    def optim_step(self) -> TrainFuture[dict[str, Any]]:
+        return self._worker.submit("optim_step", self._optim_step)
+
+    def discard_gradients(self) -> TrainFuture[dict[str, Any]]:
+        return self._worker.submit(
+            "discard_gradients", self._discard_gradients, recovers=(GRADIENTS,)
+        )
+
+    def save_checkpoint(self, step: int) -> TrainFuture[Path]:
+        final_path = checkpoint_path(self.checkpoint_dir, step)  # a bad step raises here
+        return self._worker.submit("save_checkpoint", lambda: self._save_checkpoint(final_path))
+
+    def load_checkpoint(self, path: str | Path) -> TrainFuture[dict[str, Any]]:
+        recovers = tuple(self._recovery_hints)  # a load repairs any suspect state
+        return self._worker.submit(
+            "load_checkpoint", lambda: self._load_checkpoint(Path(path)), recovers=recovers
+        )
+
+    def get_weights(self) -> TrainFuture[dict[str, torch.Tensor]]:
+        return self._worker.submit("get_weights", self._get_weights)
+
+    def sampler_weights(self) -> TrainFuture[WeightUpdate]:
+        return self._worker.submit("sampler_weights", self._sampler_weights)
+
+    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
+        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path)))
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> QueuedBackend:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- checkpoints: listing and lookup (plain, not queued) ---------------------------------------
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        return [Checkpoint(step_of(p) or 0, p) for p in list_checkpoints(self.checkpoint_dir)]
+
+    def find_checkpoint(self, step: int) -> Checkpoint | None:
+        path = checkpoint_path(self.checkpoint_dir, step)
+        return Checkpoint(step, path) if path.is_dir() else None
+
+    def delete_checkpoint(self, step: int) -> None:
+        found = self.find_checkpoint(step)
+        if found is not None:
+            shutil.rmtree(found.path, ignore_errors=True)
+
+    # -- shared bodies, run on the worker thread ---------------------------------------------------
+
+    def _forward_backward(self, batch: Batch, values_checked: bool) -> dict[str, Any]:
+        batch = self._prepare(batch, "forward_backward", values_checked)
+        weights_BT = token_weights(batch)
+        self.model.train()
+        with torch.enable_grad():
+            logits = self._logits(batch)
+            loss = _checked_loss(self.loss_fn(logits, batch))
+            local_weight = float(weights_BT.sum())
+            reference = self._reference_weight(local_weight)
+            self._touch(GRADIENTS)  # from here a failure leaves half-accumulated gradients
+            self._backward(loss * (local_weight / reference if reference else 0.0))
+        stats = self._call_stats(loss.detach(), weights_BT)
+        self._accum_weight += stats["token_weight"] / reference if reference else 0.0
+        self._accum_tokens += stats["num_tokens"]
+        self._accum_calls += 1
+        if batch.get("sampling_logprobs") is not None:  # an RL batch: the trainer's log-probs
+            stats["logprobs"] = label_logprobs(logits.detach(), batch["labels"]).cpu()
+        return stats
+
+    @torch.no_grad()
+    def _forward(self, batch: Batch, values_checked: bool) -> dict[str, Any]:
+        batch = self._prepare(batch, "forward", values_checked)
+        weights_BT = token_weights(batch)
+        self.model.eval()
+        logits = self._logits(batch)
+        loss = _checked_loss(self.loss_fn(logits, batch))
+        stats = self._call_stats(loss, weights_BT)
+        stats["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
+        return stats
+
+    def _optim_step(self) -> dict[str, Any]:
+        scale = self._normalisation_scale()
+        self._touch(GRADIENTS)
+        grad_norm = self._clip_gradients(scale)
+        if self._refuses_non_finite() and not math.isfinite(grad_norm):
+            self._discard_gradients()
+            self._worker.settle()  # the step's gradients are gone; weights and schedule intact
+            raise NonFiniteGradientError(
+                f"optim_step {self._step + 1}: gradient norm is {grad_norm}; the update was not "
+                "applied, the step's gradients were discarded and the weights are those of the "
+                "last good step"
+            )
+        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        self._touch(WEIGHTS)
+        skipped = self._step_optimizer() is False
+        if not skipped:
+            if self.scheduler is not None:
+                self.scheduler.step()
+            self._step += 1
+        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
+        result["num_tokens"] = self._accum_tokens
+        self._discard_gradients()
+        return result
+
+    def _discard_gradients(self) -> dict[str, Any]:
+        discarded = self._accum_calls
+        self.optimizer.zero_grad(set_to_none=True)
+        self._reset_accumulation()
+        return {"discarded_calls": discarded}
+
+    def _save_checkpoint(self, final_path: Path) -> Path:
+        if self._accum_calls:
+            raise PendingGradientsError(
+                f"save_checkpoint: {self._accum_calls} forward_backward call(s) have gradients "
+                "not yet applied; call optim_step (or discard_gradients) first so the "
+                "checkpoint resumes exactly"
+            )
+        self._write_checkpoint(final_path)
+        return final_path
+
+    # -- gradient accumulation between optimizer steps ---------------------------------------------
+
+    def _reset_accumulation(self) -> None:
+        self._accum_weight = 0.0  # sum of W_i / R since the last step
+        self._accum_tokens = 0
+        self._accum_calls = 0
+        self._reference: float | None = None
+
+    def _reference_weight(self, local_weight: float) -> float | None:
+        """R of the module docstring: the first non-zero weight of the step ("sum": 1)."""
+        if self.normalization == "sum":
+            return 1.0
+        if self._reference is None and local_weight > 0:
+            self._reference = local_weight
+        return self._reference
+
+    def _normalisation_scale(self) -> float:
+        """1 / accumulated weight for "token_mean", 1 for "sum"; refuses a step with nothing."""
+        if self._accum_calls == 0:
+            raise NoWeightedTokensError("optim_step with no forward_backward since the last step")
+        if self.normalization == "sum" or self._accum_weight > 0:
+            return 1.0 if self.normalization == "sum" else 1.0 / self._accum_weight
+        calls = self._accum_calls
+        self._discard_gradients()
+        raise NoWeightedTokensError(
+            f"optim_step: the {calls} forward_backward call(s) since the last step carried no "
+            f"weighted token{self._where()} (every label -100 or loss_mask 0); they were "
+            "discarded and the weights are unchanged"
+        )
+
+    # -- per-backend pieces ------------------------------------------------------------------------
+
+    def _check_batch(self, batch: Batch, call: str) -> bool:
+        """Layout checks on the caller's thread; value checks too when they cost no sync."""
+        check_batch_layout(batch, call)
+        if not on_cpu(batch):
+            return False
+        check_batch_values(batch, call, self._vocab_in, self._vocab_out)
+        return True
+
+    def _prepare(self, batch: Batch, call: str, values_checked: bool) -> dict[str, Any]:
+        moved = {
+            key: value.to(self._device, non_blocking=True)
+            if isinstance(value, torch.Tensor)
+            else value
+            for key, value in batch.items()
+        }
+        if not values_checked:
+            check_batch_values(moved, call, self._vocab_in, self._vocab_out)
+        return moved
+
+    def _logits(self, batch: Batch) -> torch.Tensor:
+        with self._autocast():
+            return logits_of(self.model, batch)
+
+    def _autocast(self) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def _touch(self, state: str) -> None:
+        self._worker.touch(state)
+
+    def _where(self) -> str:
+        return ""
+
+    def _refuses_non_finite(self) -> bool:
+        return True
+
+    @abstractmethod
+    def _call_stats(self, loss: torch.Tensor, weights_BT: torch.Tensor) -> dict[str, Any]:
+        """{"loss", "num_tokens", "token_weight"} of one call (over every rank)."""
+
+    @abstractmethod
+    def _clip_gradients(self, scale: float) -> float:
+        """Multiply the gradients by `scale`, clip them; return the norm before clipping."""
+
+    @abstractmethod
+    def _step_optimizer(self) -> bool | None:
+        """Step the optimizer; False when it skipped the update (a gradient scaler's overflow)."""
+
+    @abstractmethod
+    def _write_checkpoint(self, final_path: Path) -> None: ...
+
+    @abstractmethod
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _get_weights(self) -> dict[str, torch.Tensor]: ...
+
+    @abstractmethod
+    def _sampler_weights(self) -> WeightUpdate: ...
+
+    @abstractmethod
+    def _export_hf(self, path: Path) -> Path: ...
+
+
+# -- pure pieces -----------------------------------------------------------------------------------
 
 
 def thread_setup(num_threads: int | None, device: torch.device) -> Callable[[], None] | None:
@@ -57,129 +372,24 @@ def thread_setup(num_threads: int | None, device: torch.device) -> Callable[[], 
     return setup
 
 
-class QueuedBackend(ABC):
-    """Protocol methods over a `SerialWorker`; subclasses set the attributes below."""
-
-    _worker: SerialWorker
-    _step: int
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None
-
-    # -- the protocol: each call queues its body on the worker ------------------------------------
-
-    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward_backward", lambda: self._forward_backward(batch))
-
-    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("forward", lambda: self._forward(batch))
-
-    def optim_step(self) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("optim_step", self._optim_step)
-
-    def save_checkpoint(self, step: int) -> TrainFuture[Path]:
-        return self._worker.submit("save_checkpoint", lambda: self._save_checkpoint(step))
-
-    def load_checkpoint(self, path: str | Path) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("load_checkpoint", lambda: self._load_checkpoint(Path(path)))
-
-    def get_weights(self) -> TrainFuture[dict[str, torch.Tensor]]:
-        return self._worker.submit("get_weights", self._get_weights)
-
-    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
-        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path)))
-
-    def close(self) -> None:
-        self._worker.close()
-
-    def __enter__(self) -> QueuedBackend:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
-
-    @property
-    def step(self) -> int:
-        """Optimizer steps taken (read it from a result to be in order with the stream)."""
-        return self._step
-
-    # -- bodies, written by each backend; run on the worker thread --------------------------------
-
-    @abstractmethod
-    def _forward_backward(self, batch: Batch) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def _forward(self, batch: Batch) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def _optim_step(self) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def _save_checkpoint(self, step: int) -> Path: ...
-
-    @abstractmethod
-    def _load_checkpoint(self, path: Path) -> dict[str, Any]: ...
-
-    @abstractmethod
-    def _get_weights(self) -> dict[str, torch.Tensor]: ...
-
-    @abstractmethod
-    def _export_hf(self, path: Path) -> Path: ...
-
-    # -- gradient accumulation between optimizer steps ---------------------------------------------
-
-    def _reset_accumulation(self) -> None:
-        self._accum_weight = 0.0  # the token weight (or its relative form) since the last step
-        self._accum_tokens = 0
-        self._accum_calls = 0
-
-    def _normalisation_scale(self, normalization: str, where: str) -> float:
-        """1 / accumulated weight for "token_mean", 1 for "sum"; raises if nothing to step on."""
-        if self._accum_calls == 0:
-            raise RuntimeError("optim_step with no forward_backward since the last step")
-        if normalization == "sum":
-            return 1.0
-        if self._accum_weight <= 0:
-            raise ValueError(
-                f"optim_step: the {self._accum_calls} forward_backward call(s) since the last "
-                f"step carried no weighted token{where} (every label -100 or loss_mask 0)"
-            )
-        return 1.0 / self._accum_weight
-
-    def _apply_step(
-        self, grad_norm: float, step_optimizer: Callable[[], Any], refuse_non_finite: bool = True
-    ) -> dict[str, Any]:
-        """The end of every `optim_step`, once gradients are normalised and clipped: refuse a
-        non-finite norm (weights untouched), step the optimizer and scheduler, zero the grads.
-
-        `step_optimizer` returning False means it skipped the update (a gradient scaler saw an
-        overflow): the schedule and the step count then stay, and the result says `skipped`."""
-        if refuse_non_finite and not math.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(
-                f"optim_step {self._step + 1}: gradient norm is {grad_norm}; the update was not "
-                "applied and the weights are those of the last good step"
-            )
-        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
-        skipped = step_optimizer() is False
-        if not skipped:
-            if self.scheduler is not None:
-                self.scheduler.step()
-            self._step += 1
-        self.optimizer.zero_grad(set_to_none=True)
-        result = {"step": self._step, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
-        result["num_tokens"] = self._accum_tokens
-        self._reset_accumulation()
-        return result
-
-    def _assert_no_pending_gradients(self, call: str) -> None:
-        if self._accum_calls:
-            raise RuntimeError(
-                f"{call}: {self._accum_calls} forward_backward call(s) have gradients not yet "
-                "applied; call optim_step first so the checkpoint resumes exactly"
-            )
+def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
+    """Run the model on the batch's inputs; accept a logits tensor or an output with .logits."""
+    inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
+    if hasattr(getattr(model, "config", None), "use_cache"):
+        # A Hugging Face model otherwise fills a KV cache on every forward that nothing reads
+        # (and with a cache, packed rows are not kept from attending to each other).
+        inputs["use_cache"] = False
+    output = model(**inputs)
+    logits = output if isinstance(output, torch.Tensor) else getattr(output, "logits", None)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            f"{type(model).__name__} returned {type(output).__name__}; expected a logits tensor "
+            "or an object with a .logits tensor"
+        )
+    return logits
 
 
-def require_save_pretrained(model: torch.nn.Module) -> Callable[..., Any]:
+def require_save_pretrained(model: nn.Module) -> Callable[..., Any]:
     """The model's `save_pretrained`, or a TypeError saying export_hf needs a Hugging Face model."""
     save_pretrained = getattr(model, "save_pretrained", None)
     if save_pretrained is None:
@@ -189,10 +399,19 @@ def require_save_pretrained(model: torch.nn.Module) -> Callable[..., Any]:
     return save_pretrained
 
 
-def sampler_comparison(logits: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-    """For an RL batch (one with `sampling_logprobs`): `{"logprobs": [B, T]}`, the trainer's
-    log-probs of the labels before the update, so a loop can compare trainer and sampler on the
-    same tokens without a second forward. `{}` for any other batch (it costs a log-softmax)."""
-    if batch.get("sampling_logprobs") is None:
-        return {}
-    return {"logprobs": label_logprobs(logits.detach(), batch["labels"]).cpu()}
+def _checked_loss(loss: Any) -> torch.Tensor:
+    if not isinstance(loss, torch.Tensor) or loss.ndim != 0:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise TypeError(f"loss_fn must return a scalar tensor (the weighted mean), got {shape}")
+    return loss
+
+
+def _vocab_sizes(model: nn.Module) -> tuple[int | None, int | None]:
+    """Rows of the input embedding (ids) and of the output head (labels), when the model has them
+    (a sharded weight reports its global shape)."""
+    sizes: list[int | None] = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, getter, lambda: None)()
+        weight = getattr(module, "weight", None)
+        sizes.append(int(weight.shape[0]) if isinstance(weight, torch.Tensor) else None)
+    return sizes[0], sizes[1]

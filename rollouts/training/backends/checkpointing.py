@@ -24,12 +24,16 @@ import numpy as np
 import torch
 
 __all__ = [
+    "abort_directory",
     "atomic_directory",
+    "begin_directory",
     "capture_rng_state",
     "checkpoint_path",
+    "commit_directory",
     "find_latest_checkpoint",
     "list_checkpoints",
     "restore_rng_state",
+    "step_of",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
@@ -51,6 +55,12 @@ def list_checkpoints(checkpoint_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def step_of(path: Path) -> int | None:
+    """The step of a checkpoint directory's name, or None for any other name."""
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def find_latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
     """The finished checkpoint with the highest step, or None."""
     checkpoints = list_checkpoints(checkpoint_dir)
@@ -60,6 +70,17 @@ def find_latest_checkpoint(checkpoint_dir: str | Path) -> Path | None:
 @contextmanager
 def atomic_directory(final_path: Path) -> Iterator[Path]:
     """Yield a temporary directory; on a clean exit, fsync it and rename it to `final_path`."""
+    tmp_path = begin_directory(final_path)
+    try:
+        yield tmp_path
+    except BaseException:
+        abort_directory(tmp_path)
+        raise
+    commit_directory(tmp_path, final_path)
+
+
+def begin_directory(final_path: Path) -> Path:
+    """A fresh temporary directory beside `final_path` (after repairing earlier crashes)."""
     parent = final_path.parent
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(f".tmp-{final_path.name}-*"):  # left by a crash mid-save
@@ -71,12 +92,22 @@ def atomic_directory(final_path: Path) -> Iterator[Path]:
             os.rename(aside, final_path)
     tmp_path = parent / f".tmp-{final_path.name}-{uuid.uuid4().hex[:8]}"
     tmp_path.mkdir()
+    return tmp_path
+
+
+def abort_directory(tmp_path: Path) -> None:
+    """Remove a temporary directory that will not become a checkpoint."""
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def commit_directory(tmp_path: Path, final_path: Path) -> None:
+    """fsync `tmp_path` and rename it to `final_path`; an old `final_path` goes only after."""
     try:
-        yield tmp_path
         _fsync_tree(tmp_path)
     except BaseException:
-        shutil.rmtree(tmp_path, ignore_errors=True)
+        abort_directory(tmp_path)
         raise
+    parent = final_path.parent
     aside_path = None
     if final_path.exists():
         aside_path = parent / f".old-{final_path.name}-{uuid.uuid4().hex[:8]}"

@@ -17,17 +17,28 @@ batch give the update of `PyTorchTrainingBackend` on the whole batch (to float32
 Results are global and identical on every rank: "loss" is the weighted mean over all ranks' slices
 of the call, "num_tokens" and "token_weight" are summed over ranks (only `forward`'s "logprobs" are
 this rank's rows). `get_weights()` returns the full state dict on rank 0 and `{}` on the others;
-`get_weights(all_ranks=True)` gives every rank its own full copy (each rank's rollout engine).
+`sampler_weights()` gives every rank its own full copy (each rank's rollout engine).
 
 Rules for callers: every rank submits the same calls in the same order (each call runs collectives);
 a rank may pass a slice with no weighted token but must still make the call. Collectives are bounded
 by the process group's timeout (see `rollouts.training.distributed`): if a rank dies or stops
 calling, the others raise within that bound, their futures carry the error, and the job ends.
+
+Errors keep the ranks in step. A refusal is decided on global figures (pending gradients, the
+step's token weight, the gradient norm), so every rank refuses alike and all go on. Checkpoint and
+export steps that can fail on one rank (a directory rank 0 cannot create, a file one rank cannot
+write) end with an agreement: every rank learns every rank's outcome and raises the same
+`CheckpointFailedError` within seconds, with nothing renamed into place. Any other exception may
+leave the ranks at different collectives, so it stops the stream; if every rank failed alike,
+`load_checkpoint(path)` on every rank repairs it, otherwise end the job and resume it. A batch that
+fails its checks raises on the submitting rank only: that rank should stop (its peers then fail
+within the collective timeout, or at once when its process exits).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +46,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -51,30 +63,36 @@ from torch.distributed.fsdp import (
 )
 from torch.distributed.tensor import DTensor
 
-from rollouts.core.futures import TrainFuture
-from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
-from rollouts.training.backends._queued import (
-    QueuedBackend,
-    check_step_options,
-    require_save_pretrained,
-    sampler_comparison,
-    thread_setup,
-)
+from rollouts.core.weights import WeightUpdate
+from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
+from rollouts.training.backends._queued import QueuedBackend, require_save_pretrained
 from rollouts.training.backends.checkpointing import (
+    abort_directory,
     atomic_directory,
+    begin_directory,
     capture_rng_state,
-    checkpoint_path,
+    commit_directory,
     restore_rng_state,
+    step_of,
 )
-from rollouts.training.backends.pytorch import _check_loss_scalar, _logits_of, _to_device
+from rollouts.training.backends.protocol import DataParallel
 from rollouts.training.distributed import World
-from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
+from rollouts.training.errors import CheckpointFailedError
+from rollouts.training.losses import Batch, LossFn
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]
 
 DCP_DIR = "dcp"  # torch.distributed.checkpoint files: model and optimizer shards, .metadata
 META_FILE = "meta.json"
 CLIP_EPS = 1e-6  # as in torch.nn.utils.clip_grads_with_norm_
+COLLECTIVES = "collectives"  # what any non-refused failure leaves suspect: the ranks' lockstep
+RECOVERY_HINTS = {
+    COLLECTIVES: "if every rank failed alike, call load_checkpoint(path) on every rank; "
+    "otherwise end the job and resume it from its last checkpoint",
+}
+# close() and interpreter exit wait this much longer than a collective may take, so a worker
+# never gives up on a call that its own collective timeout would still let finish.
+CLOSE_MARGIN_S = 60.0
 
 
 def shard_model(
@@ -139,7 +157,8 @@ class FSDPTrainingBackend(QueuedBackend):
 
     Build the optimizer over the sharded model's parameters. `max_grad_norm=None` disables
     clipping (the global norm is still reported). Mixed precision is the model's FSDP policy
-    (`shard_model(mixed_precision=...)`), not an autocast here.
+    (`shard_model(mixed_precision=...)`), not an autocast here. `close_timeout_s` defaults to the
+    process group's timeout plus a margin.
     """
 
     def __init__(
@@ -155,8 +174,8 @@ class FSDPTrainingBackend(QueuedBackend):
         normalization: str = "token_mean",
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
         num_threads: int | None = None,
+        close_timeout_s: float | None = None,
     ) -> None:
-        check_step_options(normalization, max_grad_norm)
         if not isinstance(model, FSDPModule):
             raise ValueError(
                 f"{type(model).__name__} is not sharded; call shard_model(model, world) and build "
@@ -164,54 +183,39 @@ class FSDPTrainingBackend(QueuedBackend):
             )
         if not dist.is_initialized() or dist.get_world_size() != world.world_size:
             raise ValueError(f"{world} does not match the initialised process group")
-        self.model = model
-        self.optimizer = optimizer
-        self.loss_fn = loss_fn
-        self.scheduler = scheduler
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.world = world
-        self.device = world.device
-        self.max_grad_norm = max_grad_norm
-        self.normalization = normalization
-        _sum_gradients_over_ranks(model)
-        self._params = [p for p in model.parameters() if p.requires_grad]
-        self._step = 0
-        self._reset_accumulation()
-        self._worker = SerialWorker(
-            f"FSDPTrainingBackend[rank {world.rank}]",
-            queue_depth_max,
-            thread_setup(num_threads, world.device),
+        super().__init__(
+            name=f"FSDPTrainingBackend[rank {world.rank}]",
+            model=model,
+            optimizer=optimizer,
+            loss_fn=loss_fn,
+            checkpoint_dir=checkpoint_dir,
+            device=world.device,
+            scheduler=scheduler,
+            max_grad_norm=max_grad_norm,
+            normalization=normalization,
+            queue_depth_max=queue_depth_max,
+            num_threads=num_threads,
+            close_timeout_s=close_timeout_s or world.timeout_s + CLOSE_MARGIN_S,
+            data_parallel=DataParallel(rank=world.rank, size=world.world_size),
+            recovery_hints=RECOVERY_HINTS,
         )
+        self.world = world
+        _sum_gradients_over_ranks(model)
 
-    def _forward_backward(self, batch: Batch) -> dict[str, Any]:
-        batch = _to_device(batch, self.device)
-        weights_BT = token_weights(batch)
-        self.model.train()
-        with torch.enable_grad():
-            logits = _logits_of(self.model, batch)
-            loss = self.loss_fn(logits, batch)
-            _check_loss_scalar(loss)
-            # The slice's weighted sum: FSDP adds the ranks' gradients, optim_step normalises.
-            (loss * weights_BT.sum()).backward()
-        result = self._global_stats(loss.detach(), weights_BT)
-        self._accum_weight += result["token_weight"]
-        self._accum_tokens += result["num_tokens"]
-        self._accum_calls += 1
-        return result | sampler_comparison(logits, batch)
+    # -- the pieces of the shared bodies -----------------------------------------------------------
 
-    @torch.no_grad()
-    def _forward(self, batch: Batch) -> dict[str, Any]:
-        batch = _to_device(batch, self.device)
-        weights_BT = token_weights(batch)
-        self.model.eval()
-        logits = _logits_of(self.model, batch)
-        loss = self.loss_fn(logits, batch)
-        _check_loss_scalar(loss)
-        result = self._global_stats(loss, weights_BT)
-        result["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
-        return result
+    def _touch(self, state: str) -> None:
+        # Whatever a call touches, a one-sided failure may leave the ranks out of step.
+        self._worker.touch(COLLECTIVES)
 
-    def _global_stats(self, loss: torch.Tensor, weights_BT: torch.Tensor) -> dict[str, Any]:
+    def _prepare(self, batch: Batch, call: str, values_checked: bool) -> dict[str, Any]:
+        self._touch(COLLECTIVES)  # a check failing on one rank must not let it run ahead
+        return super()._prepare(batch, call, values_checked)
+
+    def _where(self) -> str:
+        return " on any rank"
+
+    def _call_stats(self, loss: torch.Tensor, weights_BT: torch.Tensor) -> dict[str, Any]:
         """The call's loss, token count and weight over all ranks (one all-reduce)."""
         weight = weights_BT.sum().double()
         local = torch.stack([loss.double() * weight, weight, (weights_BT != 0).sum().double()])
@@ -220,29 +224,39 @@ class FSDPTrainingBackend(QueuedBackend):
         loss_mean = weighted_loss_sum / token_weight if token_weight > 0 else 0.0
         return {"loss": loss_mean, "num_tokens": int(num_tokens), "token_weight": token_weight}
 
-    def _optim_step(self) -> dict[str, Any]:
-        scale = self._normalisation_scale(self.normalization, " on any rank")
-        grad_norm = _scale_and_clip_sharded(self._params, scale, self.max_grad_norm, self.device)
-        # The norm is global, so a non-finite one stops every rank alike.
-        return self._apply_step(grad_norm, self.optimizer.step)
+    def _clip_gradients(self, scale: float) -> float:
+        # The norm is global, so a non-finite one is refused by every rank alike.
+        return _scale_and_clip_sharded(self._params, scale, self.max_grad_norm, self.device)
 
-    def _save_checkpoint(self, step: int) -> Path:
-        """Every rank writes its shards into rank 0's temporary directory; rank 0 renames it."""
-        self._assert_no_pending_gradients("save_checkpoint")
-        final_path = checkpoint_path(self.checkpoint_dir, step)
-        if self.world.is_main:
-            with atomic_directory(final_path) as tmp_path:
-                self._write_checkpoint(_broadcast_path(tmp_path), step)
-        else:
-            self._write_checkpoint(_broadcast_path(None), step)
-        dist.barrier()  # no rank goes on (or loads) before the rename
-        return final_path
+    def _step_optimizer(self) -> bool | None:
+        return self.optimizer.step()
 
-    def _write_checkpoint(self, tmp_path: Path, step: int) -> None:
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        dcp.save(
-            {"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp_path / DCP_DIR
-        )
+    # -- checkpoints -------------------------------------------------------------------------------
+
+    def _write_checkpoint(self, final_path: Path) -> None:
+        """Rank 0 makes a temporary directory, every rank writes its shards and state into it,
+        rank 0 renames it into place; each step ends in an agreement (see the module docstring)."""
+        (tmp_path, *_) = self._agree("create the checkpoint directory", begin_directory, final_path)
+        try:
+            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            self._touch(COLLECTIVES)
+            try:
+                dcp.save(
+                    {"model": model_state, "optimizer": optimizer_state},
+                    checkpoint_id=tmp_path / DCP_DIR,
+                )
+            except CheckpointException:
+                self._worker.settle()  # DCP raises on every rank alike: the ranks stay in step
+                raise
+            self._worker.settle()
+            self._agree_all("write the trainer state", self._write_rank_files, tmp_path, final_path)
+            self._agree("rename the checkpoint into place", commit_directory, tmp_path, final_path)
+        except BaseException:
+            if self.world.is_main:
+                abort_directory(tmp_path)
+            raise
+
+    def _write_rank_files(self, tmp_path: Path, final_path: Path) -> None:
         rank_state = {
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "optimizer_step": self._step,
@@ -251,16 +265,15 @@ class FSDPTrainingBackend(QueuedBackend):
         torch.save(rank_state, tmp_path / _rank_file(self.world.rank))
         if self.world.is_main:
             meta = {
-                "step": step,
+                "step": step_of(final_path),
                 "optimizer_step": self._step,
                 "backend": "fsdp",
                 "world_size": self.world.world_size,
             }
             (tmp_path / META_FILE).write_text(json.dumps(meta, indent=2))
-        dist.barrier()  # every rank's files are written before rank 0 flushes and renames
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
-        self._check_checkpoint_files(path)
+        self._agree_all("find the checkpoint files", _check_checkpoint_files, path, self.world.rank)
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("backend") != "fsdp" or meta.get("world_size") != self.world.world_size:
             raise ValueError(
@@ -268,6 +281,13 @@ class FSDPTrainingBackend(QueuedBackend):
                 f"world_size={meta.get('world_size')}; this job needs an 'fsdp' checkpoint "
                 f"written by {self.world.world_size} ranks (the RNG state is per rank)"
             )
+        # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
+        rank_state = torch.load(path / _rank_file(self.world.rank), weights_only=False)
+        if (rank_state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError(
+                f"{path}: the checkpoint and this backend differ in having a scheduler"
+            )
+        self._touch(COLLECTIVES)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=path / DCP_DIR)
@@ -277,44 +297,43 @@ class FSDPTrainingBackend(QueuedBackend):
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
         )
-        # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
-        rank_state = torch.load(path / _rank_file(self.world.rank), weights_only=False)
         if self.scheduler is not None:
-            if rank_state["scheduler"] is None:
-                raise ValueError(f"{path} holds no scheduler state but this backend has one")
             self.scheduler.load_state_dict(rank_state["scheduler"])
         restore_rng_state(rank_state["rng"])
-        self.optimizer.zero_grad(set_to_none=True)
+        self._discard_gradients()
         self._step = int(rank_state["optimizer_step"])
-        self._reset_accumulation()
         return {"step": self._step}
 
-    def _check_checkpoint_files(self, path: Path) -> None:
-        """Raise on every rank if any rank lacks a file, so no rank waits in `dcp.load`."""
-        required = (
-            path / META_FILE,
-            path / DCP_DIR / ".metadata",
-            path / _rank_file(self.world.rank),
-        )
-        missing = [str(file) for file in required if not file.is_file()]
-        problems: list[list[str] | None] = [None] * self.world.world_size
-        dist.all_gather_object(problems, missing)
-        for rank, rank_missing in enumerate(problems):
-            if rank_missing:
-                raise FileNotFoundError(
-                    f"not a checkpoint directory: {path} (rank {rank} is missing {rank_missing})"
-                )
+    def _agree(self, what: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run `fn(*args)` on rank 0 only, then tell every rank its result or its error."""
+        return self._agree_all(what, fn if self.world.is_main else _nothing, *args)
 
-    def get_weights(self, *, all_ranks: bool = False) -> TrainFuture[dict[str, torch.Tensor]]:
-        """The full weights on CPU: on rank 0 only (`{}` elsewhere), or on every rank."""
-        return self._worker.submit("get_weights", lambda: self._get_weights(all_ranks))
+    def _agree_all(self, what: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
+        """Run `fn(*args)` on every rank; return every rank's result, or raise the same
+        `CheckpointFailedError` on every rank if any rank failed (one all-gather)."""
+        local_error: Exception | None = None
+        try:
+            outcome: tuple[str | None, Any] = (None, fn(*args))
+        except Exception as error:
+            local_error, outcome = error, (f"{type(error).__name__}: {error}", None)
+        outcomes: list[tuple[str | None, Any] | None] = [None] * self.world.world_size
+        dist.all_gather_object(outcomes, outcome)
+        failed = {rank: o[0] for rank, o in enumerate(outcomes) if o is not None and o[0]}
+        if failed:
+            where = "; ".join(f"rank {rank}: {message}" for rank, message in failed.items())
+            raise CheckpointFailedError(
+                f"could not {what} ({where}); nothing was renamed into place and earlier "
+                "checkpoints are untouched"
+            ) from local_error
+        return [o[1] for o in outcomes if o is not None]
 
-    def _get_weights(self, all_ranks: bool = False) -> dict[str, torch.Tensor]:
-        """The full state dict, gathered over ranks onto CPU, on rank 0 (or on all ranks)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=not all_ranks)
+    # -- weights -----------------------------------------------------------------------------------
+
+    def _get_weights(self) -> dict[str, torch.Tensor]:
+        """The full state dict, gathered over ranks onto CPU, on rank 0 (`{}` on the others)."""
+        self._touch(COLLECTIVES)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = get_model_state_dict(self.model, options=options)
-        if all_ranks:  # gathered on each rank's device: copy to CPU
-            return {name: tensor.detach().to("cpu", copy=True) for name, tensor in full.items()}
         if not self.world.is_main:
             assert not full, "full_state_dict with cpu_offload fills rank 0 only"
             return {}
@@ -329,18 +348,30 @@ class FSDPTrainingBackend(QueuedBackend):
             for name, tensor in full.items()
         }
 
+    def _sampler_weights(self) -> WeightUpdate:
+        """Every rank's own full copy on CPU: each rank's rollout engine needs the whole model."""
+        self._touch(COLLECTIVES)
+        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        full = get_model_state_dict(self.model, options=options)  # gathered on each device
+        return WeightUpdate(
+            tensors={name: tensor.detach().to("cpu", copy=True) for name, tensor in full.items()}
+        )
+
     def _export_hf(self, path: Path) -> Path:
         save_pretrained = require_save_pretrained(self.model)
         full_state = self._get_weights()  # collective: every rank takes part
-        if self.world.is_main:
+        self._worker.settle()  # from here a failure is agreed on by every rank
+
+        def write() -> None:
             with atomic_directory(path) as tmp_path:
                 # transformers names the class without the "FSDP" prefix that fully_shard adds.
                 save_pretrained(tmp_path, state_dict=full_state)
-        dist.barrier()  # the directory exists before any rank returns its path
+
+        self._agree("write the Hugging Face directory", write)
         return path
 
 
-# -- pure pieces ----------------------------------------------------------------------------------
+# -- pure pieces -----------------------------------------------------------------------------------
 
 
 def _sum_gradients_over_ranks(model: nn.Module) -> None:
@@ -379,9 +410,12 @@ def _rank_file(rank: int) -> str:
     return f"trainer_state_rank{rank:05d}.pt"
 
 
-def _broadcast_path(path: Path | None) -> Path:
-    """Rank 0's `path`, on every rank (all ranks write into the same temporary directory)."""
-    holder = [str(path) if path is not None else None]
-    dist.broadcast_object_list(holder, src=0)
-    assert holder[0] is not None, "rank 0 broadcasts a path"
-    return Path(holder[0])
+def _nothing(*_: Any) -> None:
+    return None
+
+
+def _check_checkpoint_files(path: Path, rank: int) -> None:
+    required = (path / META_FILE, path / DCP_DIR / ".metadata", path / _rank_file(rank))
+    missing = [str(file) for file in required if not file.is_file()]
+    if missing:
+        raise FileNotFoundError(f"not a checkpoint directory: {path} (missing {missing})")

@@ -30,26 +30,87 @@ Results (plain Python values; tensors only where named):
     load_checkpoint  -> {"step": int}
     get_weights      -> {name: Tensor}, a CPU copy of the model's state dict
     export_hf        -> Path of a Hugging Face `save_pretrained` directory
+    sampler_weights  -> WeightUpdate: what this rank's rollout engine needs (see core.weights)
+    discard_gradients -> {"discarded_calls": int}
+
+Errors (`rollouts.training.errors`, and `docs/architecture.md` for the whole model): a malformed
+batch raises `InvalidBatchError` from `forward_backward` / `forward` themselves, nothing queued. A
+call refused on the worker before it changed anything (a save with pending gradients, a step with
+no weighted token, a non-finite gradient norm) fails only its own future. An exception that may
+have left state half-changed (inside backward, the optimizer step, a load) stops the stream until
+`discard_gradients()` or `load_checkpoint(path)` repairs it.
+
+What orchestrators may rely on besides the calls: `data_parallel` (this rank's place among the
+ranks that share each batch), `device`, `num_parameters`, `queue_depth_max` (never have more calls
+pending), and the backend's own checkpoints (`list_checkpoints`, `find_checkpoint`,
+`delete_checkpoint`): an orchestrator never builds a checkpoint path itself.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from rollouts.core.futures import TrainFuture
+from rollouts.core.weights import WeightUpdate
 from rollouts.training.losses import Batch
 
-__all__ = ["NORMALIZATIONS", "TrainingBackend"]
+__all__ = ["NORMALIZATIONS", "Checkpoint", "DataParallel", "TrainingBackend"]
 
 NORMALIZATIONS = ("token_mean", "sum")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallel:
+    """This process's place among the ranks that train on slices of every batch (0 of 1 alone).
+
+    Every rank submits the same calls in the same order; rank `rank` feeds its slice of each
+    global batch. Results are global, so only the main rank needs to log or write shared files.
+    """
+
+    rank: int = 0
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1 or not 0 <= self.rank < self.size:
+            raise ValueError(f"DataParallel needs 0 <= rank < size, got {self.rank} of {self.size}")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A finished checkpoint of a backend: the optimizer step it was saved at and where it is.
+
+    Orchestrators may keep their own small files inside `path` (written after the backend's
+    save returned it); everything else in it belongs to the backend.
+    """
+
+    step: int
+    path: Path
 
 
 @runtime_checkable
 class TrainingBackend(Protocol):
     """A model, its optimizer and loss behind an ordered stream of asynchronous calls."""
+
+    queue_depth_max: int  # calls that may be pending at once; one more raises BackendQueueFullError
+
+    @property
+    def data_parallel(self) -> DataParallel: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def num_parameters(self) -> int:
+        """Parameters of the whole model (all ranks' shards together), for FLOP estimates."""
+        ...
 
     def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
         """Forward, loss, backward; gradients accumulate until `optim_step`."""
@@ -63,16 +124,38 @@ class TrainingBackend(Protocol):
         """Normalise, clip, step the optimizer and scheduler, zero the gradients."""
         ...
 
+    def discard_gradients(self) -> TrainFuture[dict[str, Any]]:
+        """Drop the gradients accumulated since the last step (also repairs suspect gradients)."""
+        ...
+
     def save_checkpoint(self, step: int) -> TrainFuture[Path]:
         """Write model, optimizer, scheduler, step and RNG state atomically; return the dir."""
         ...
 
     def load_checkpoint(self, path: str | Path) -> TrainFuture[dict[str, Any]]:
-        """Restore everything `save_checkpoint` wrote."""
+        """Restore everything `save_checkpoint` wrote (also repairs a failed stream)."""
+        ...
+
+    def list_checkpoints(self) -> list[Checkpoint]:
+        """Finished checkpoints, oldest step first (a save still queued is not listed yet)."""
+        ...
+
+    def find_checkpoint(self, step: int) -> Checkpoint | None:
+        """The finished checkpoint of `step`, or None."""
+        ...
+
+    def delete_checkpoint(self, step: int) -> None:
+        """Remove the checkpoint of `step` (no-op if there is none); call it on one rank."""
         ...
 
     def get_weights(self) -> TrainFuture[dict[str, torch.Tensor]]:
-        """A CPU copy (never a view) of the current weights, for a rollout engine."""
+        """A CPU copy (never a view) of the current weights; on a sharded backend, rank 0's
+        result holds them and the others' is empty."""
+        ...
+
+    def sampler_weights(self) -> TrainFuture[WeightUpdate]:
+        """What this rank's rollout engine needs to sample from the current weights (a snapshot,
+        never a view): every rank gets its own."""
         ...
 
     def export_hf(self, path: str | Path) -> TrainFuture[Path]:
@@ -80,5 +163,5 @@ class TrainingBackend(Protocol):
         ...
 
     def close(self) -> None:
-        """Finish queued work and stop the worker; later calls raise."""
+        """Finish queued work (bounded; see `rollouts.core.worker`) and stop; later calls raise."""
         ...

@@ -99,11 +99,9 @@ def _train_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     def build(directory: str, **overrides: Any) -> FSDPTrainingBackend:
         options = dict(dtype="float32", learning_rate=LR, weight_decay=0.01, mixed_precision=None)
         options.update(overrides)
-        backend, scheduler = create_fsdp_backend(
-            model_dir, tmp_dir / directory, world, **options, **SCHEDULE
+        return create_fsdp_backend(
+            model_dir, tmp_dir / directory, world=world, device_type="cpu", **options, **SCHEDULE
         )
-        assert scheduler is backend.scheduler
-        return backend
 
     backend = build("ckpt")
     seen["is_training_backend"] = isinstance(backend, TrainingBackend)
@@ -111,7 +109,7 @@ def _train_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     eval_batch = global_micro_batches(99)[1]
     seen["forward"] = backend.forward(rank_slice(eval_batch, rank)).wait()
     seen["weights"] = backend.get_weights().wait()
-    seen["weights_all_ranks"] = backend.get_weights(all_ranks=True).wait()
+    seen["weights_all_ranks"] = dict(backend.sampler_weights().wait().tensors)
 
     path = backend.save_checkpoint(NUM_STEPS).wait()
     seen["checkpoint_files"] = sorted(str(p.relative_to(path)) for p in path.rglob("*"))

@@ -4,6 +4,7 @@ staleness stays bounded, a synchronous run resumes exactly, and stale groups are
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -20,7 +21,7 @@ from rollouts.rl.train import RLTrainingConfig, _RLRun, _Rollout, run_rl_trainin
 from rollouts.tasks.episodes import Trajectory
 from rollouts.tasks.protocol import TaskPrompt
 from rollouts.training import PyTorchTrainingBackend
-from rollouts.training.backends import create_adamw_optimizer
+from rollouts.training.backends import DataParallel, create_adamw_optimizer
 from rollouts.training.losses import make_rl_loss
 
 DIGITS = set("0123456789")
@@ -136,7 +137,7 @@ def test_stale_groups_are_dropped_or_resampled(policy: str, expected_groups: int
         group_size=2, max_steps_off_policy=1, stale_groups=policy, drop_constant_groups=False
     )
     run = _RLRun(
-        backend=None,
+        backend=SimpleNamespace(data_parallel=DataParallel()),  # filtering never calls it
         engine=engine,
         task=DigitsTask(),
         config=config,

@@ -44,8 +44,8 @@ def _rank_job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
 
     init_spawned_rank(rank, WORLD_SIZE, tmp_dir)
     world = init_distributed()  # adopts the group created above
-    backend, _ = create_fsdp_backend(
-        model_dir, tmp_dir / "fsdp_ckpt", world, dtype="float32", mixed_precision=None, **SCHEDULE
+    backend = create_fsdp_backend(
+        model_dir, tmp_dir / "fsdp_ckpt", world=world, device_type="cpu", **SCHEDULE
     )
     train, val = _data()
     logger = ListLogger(path=tmp_dir / f"rank{rank}.jsonl")

@@ -85,6 +85,7 @@ class _Recording:
 
     def __init__(self, inner: Any, events: list[Any]) -> None:
         self.inner, self.events = inner, events
+        self.queue_depth_max = inner.queue_depth_max
 
     def forward_backward(self, batch):
         self.events.append("fb")

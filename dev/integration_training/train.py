@@ -37,7 +37,6 @@ from rollouts.tasks.addition import AdditionTask, read_examples
 from rollouts.tasks.evaluation import evaluate_greedy
 from rollouts.training import TrainingBackend
 from rollouts.training.backends import (
-    create_backend_with_scheduler,
     create_fsdp_backend,
     create_pytorch_backend,
     load_hf_model,
@@ -116,11 +115,14 @@ def build_backend(
     loss_fn: LossFn | None = None,
     num_threads: int | None = None,
 ) -> TrainingBackend:
-    """The backend `target` asks for (Tier 2 factories), with the optimizer settings of `optim`
-    (the sft or rl section) and, given `num_training_steps`, the SFT warmup schedule."""
+    """The backend `target` asks for (Tier 2 factories, which take the same options), with the
+    optimizer settings of `optim` (the sft or rl section) and, given `num_training_steps`, the
+    SFT warmup schedule."""
     target = config.target
-    common: dict[str, Any] = dict(
+    options: dict[str, Any] = dict(
+        device_type=target.device_type,
         dtype=config.model.dtype,
+        mixed_precision=target.mixed_precision or None,
         learning_rate=optim.learning_rate,
         adam_betas=optim.adam_betas,
         weight_decay=optim.weight_decay,
@@ -128,9 +130,8 @@ def build_backend(
         max_grad_norm=optim.max_grad_norm,
         num_threads=num_threads,
     )
-    schedule: dict[str, Any] = {}
     if num_training_steps is not None:
-        schedule = dict(
+        options.update(
             num_training_steps=num_training_steps,
             warmup_ratio=optim.warmup_ratio,
             decay_style=optim.decay_style,
@@ -138,22 +139,10 @@ def build_backend(
         )
     if target.backend == "fsdp":
         assert world is not None, "the fsdp backend runs under init_distributed"
-        backend, _ = create_fsdp_backend(
-            model_path,
-            checkpoint_dir,
-            world,
-            mixed_precision=target.mixed_precision or None,
-            **common,
-            **schedule,
-        )
-        return backend
-    device = dict(device_type=target.device_type, gpu_rank=target.gpu_ranks[0])
-    if schedule:
-        backend, _ = create_backend_with_scheduler(
-            model_path, checkpoint_dir, **device, **common, **schedule
-        )
-        return backend
-    return create_pytorch_backend(model_path, checkpoint_dir, **device, **common)
+        return create_fsdp_backend(model_path, checkpoint_dir, world=world, **options)
+    return create_pytorch_backend(
+        model_path, checkpoint_dir, gpu_rank=target.gpu_ranks[0], **options
+    )
 
 
 ACCURACY_MAX_TOKENS = 12  # an addition answer is at most 4 characters and EOS

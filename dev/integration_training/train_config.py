@@ -83,7 +83,7 @@ class TargetConfig:
     gpu_ranks: tuple[int, ...] = (0,)  # the single-device backend's CUDA device (the first);
     # under fsdp each rank takes cuda:LOCAL_RANK from torchrun instead
     backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded over torchrun's ranks)
-    mixed_precision: str = ""  # fsdp only: compute dtype, e.g. "bfloat16"; "" = model.dtype
+    mixed_precision: str = ""  # compute dtype, e.g. "bfloat16"; "" = model.dtype
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

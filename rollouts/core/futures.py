@@ -61,19 +61,25 @@ class TrainFuture(Generic[T]):
 
     async def result(self) -> T:
         """Wait without blocking the event loop (asyncio or trio); return the result or raise."""
-        if not self._future.done():
-            library = sniffio.current_async_library()
-            if library == "asyncio":
-                await _wait_asyncio(self._future)
-            elif library == "trio":
-                await _wait_trio(self._future)
-            else:
-                raise RuntimeError(
-                    f"TrainFuture can be awaited under 'asyncio' or 'trio', not {library!r}; "
-                    "use fut.wait() from a plain thread"
-                )
+        await self.finished()
         # The original exception object is raised, so its type and worker traceback survive.
         return self._future.result()
+
+    async def finished(self) -> None:
+        """Wait until the call has finished, without raising its exception (for a caller that
+        only needs the slot it held, and reads the outcome later)."""
+        if self._future.done():
+            return
+        library = sniffio.current_async_library()
+        if library == "asyncio":
+            await _wait_asyncio(self._future)
+        elif library == "trio":
+            await _wait_trio(self._future)
+        else:
+            raise RuntimeError(
+                f"TrainFuture can be awaited under 'asyncio' or 'trio', not {library!r}; "
+                "use fut.wait() from a plain thread"
+            )
 
     def __await__(self) -> Generator[Any, None, T]:
         return self.result().__await__()

@@ -14,7 +14,6 @@ than a guess.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import psutil
 import torch
@@ -32,37 +31,29 @@ PEAK_BF16_FLOPS_PER_S: dict[str, float] = {
 }
 
 
-def _device_of(backend: Any) -> torch.device | None:
-    device = getattr(backend, "device", None)
-    return torch.device(device) if device is not None else None
-
-
-def device_metrics(backend: Any) -> dict[str, float]:
-    """{"cuda_peak_mb": ...} on a CUDA backend, else {"rss_mb": ...} of this process."""
-    device = _device_of(backend)
-    if device is not None and device.type == "cuda" and torch.cuda.is_initialized():
+def device_metrics(device: torch.device) -> dict[str, float]:
+    """{"cuda_peak_mb": ...} on a CUDA device, else {"rss_mb": ...} of this process."""
+    if device.type == "cuda" and torch.cuda.is_initialized():
         return {"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
     return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
 
 
-def mfu_estimator(backend: Any, peak_flops_per_s: float = 0.0) -> Callable[[float], float] | None:
-    """A function tokens/s -> MFU, or None when the peak or the parameter count is unknown."""
-    model = getattr(backend, "model", None)
-    if model is None:
+def mfu_estimator(
+    num_parameters: int, device: torch.device, num_devices: int = 1, peak_flops_per_s: float = 0.0
+) -> Callable[[float], float] | None:
+    """A function tokens/s -> MFU, or None when the device's peak is unknown.
+
+    tokens/s is the whole step's (every rank's), so the peak is that of `num_devices` devices."""
+    peak = peak_flops_per_s or _known_peak(device)
+    if not peak or num_parameters <= 0:
         return None
-    num_params = sum(p.numel() for p in model.parameters())
-    peak = peak_flops_per_s or _known_peak(_device_of(backend))
-    if not peak:
-        return None
-    flops_per_token = 6.0 * num_params
-    # tokens/s is the whole step's (every rank's); the peak is one device's.
-    world = getattr(backend, "world", None)
-    total_peak = peak * (world.world_size if world is not None else 1)
+    flops_per_token = 6.0 * num_parameters
+    total_peak = peak * num_devices
     return lambda tokens_per_s: tokens_per_s * flops_per_token / total_peak
 
 
-def _known_peak(device: torch.device | None) -> float:
-    if device is None or device.type != "cuda" or not torch.cuda.is_available():
+def _known_peak(device: torch.device) -> float:
+    if device.type != "cuda" or not torch.cuda.is_available():
         return 0.0
     name = torch.cuda.get_device_name(device)
     return next((peak for key, peak in PEAK_BF16_FLOPS_PER_S.items() if key in name), 0.0)

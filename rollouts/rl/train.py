@@ -27,6 +27,7 @@ import statistics
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,9 @@ from rollouts.rl.batching import (
 from rollouts.tasks.episodes import run_episodes
 from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
 from rollouts.tasks.protocol import Task, TaskPrompt
-from rollouts.training.backends.checkpointing import checkpoint_path
 from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.errors import NoWeightedTokensError
+from rollouts.training.loop import CallWindow
 from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
 
 __all__ = ["RLTrainingConfig", "run_rl_training"]
@@ -60,7 +62,7 @@ RESUME_FIXED_FIELDS = (
 )  # fmt: skip
 STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
 RANK_SEED_STRIDE = 1_000_000_007  # each data-parallel rank samples with its own seeds
-RL_STATE_DIR = "rl_state"
+RL_STATE_FILE = "rl_state.json"  # beside the backend's files in each checkpoint directory
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,8 +158,8 @@ class _RLRun:
             raise ValueError("the tokenizer has no pad_token_id; set one to batch sequences")
         # Data parallel (a sharded backend): each rank samples and trains on its share of the
         # step's prompts with its own engine; the backend normalises over all ranks.
-        world = getattr(backend, "world", None)
-        self.rank, self.world_size = (world.rank, world.world_size) if world else (0, 1)
+        data_parallel = backend.data_parallel
+        self.rank, self.world_size = data_parallel.rank, data_parallel.size
         if config.prompts_per_step % self.world_size:
             raise ValueError(
                 f"RLTrainingConfig.prompts_per_step={config.prompts_per_step} must be a multiple "
@@ -220,11 +222,8 @@ class _RLRun:
 
     async def push_weights(self, version: int) -> None:
         """Queue the trainer's weights on the engine; later samples see them (FIFO per engine)."""
-        if self.world_size > 1:  # every rank's engine needs the full weights
-            weights = await self.backend.get_weights(all_ranks=True)  # type: ignore[call-arg]
-        else:
-            weights = await self.backend.get_weights()
-        self.push_futures.append(self.engine.load_weights(weights, version))
+        update = await self.backend.sampler_weights()  # this rank's engine's share (all of it)
+        self.push_futures.append(self.engine.load_weights(update, version))
         self.pushed_version = version
         if self.version_changed is not None:
             self.version_changed.set()
@@ -260,15 +259,18 @@ class _RLRun:
         rewards = [r for g in fresh for r in g.rewards]
         metrics["reward_mean"] = mean_or_nan(rewards)
         metrics["reward_std"] = statistics.pstdev(rewards) if rewards else math.nan
-        # With several ranks every rank must make the same calls, so nothing is dropped here:
-        # a constant group has zero advantage and adds nothing to the policy gradient anyway.
-        drop = self.config.drop_constant_groups and self.world_size == 1
+        # Dropped on every rank alike: under "token_mean" a kept constant group would still count
+        # its tokens in the step's denominator and shrink the update. Ranks left with fewer
+        # micro-batches pad with empty ones (see train_on), so every rank makes the same calls.
+        drop = self.config.drop_constant_groups
         kept = [g for g in fresh if not (drop and len(set(g.rewards)) == 1)]
         metrics["groups_constant_dropped"] = len(fresh) - len(kept)
         metrics["groups_trained"] = len(kept)
         return kept
 
     async def train_on(self, groups: list[Group], metrics: dict[str, Any]) -> None:
+        """One optimizer step on `groups` (maybe none: a rank with nothing to train still makes
+        its calls, empty ones, as a sharded backend needs); no update when no rank had tokens."""
         trajectories = [t for g in groups for t in g.trajectories]
         advantages = [
             a
@@ -278,18 +280,30 @@ class _RLRun:
         batches = build_micro_batches(
             trajectories, advantages, self.config.micro_batch_size, self.pad_token_id
         )
-        if self.world_size > 1:  # every rank makes the same number of calls (they are collective)
-            assert len(batches) <= self.micro_batches_per_rank, "at most the rank's share"
-            batches += [self.empty_batch()] * (self.micro_batches_per_rank - len(batches))
+        assert len(batches) <= self.micro_batches_per_rank, "at most the rank's share"
+        calls = self.micro_batches_per_rank if self.world_size > 1 else max(1, len(batches))
+        batches += [self.empty_batch()] * (calls - len(batches))
+        window = CallWindow(self.backend)
         with self.clock.busy("train"):
-            # All calls are queued before any is awaited.
-            backwards = [self.backend.forward_backward(b) for b in batches]
-            stepped = await self.backend.optim_step()
+            backwards = [
+                await window.submit(partial(self.backend.forward_backward, b)) for b in batches
+            ]
+            stepping = await window.submit(self.backend.optim_step)
             results = [await f for f in backwards]
+            try:
+                stepped = await stepping
+            except NoWeightedTokensError:  # no rank had a token to learn from: no update
+                stepped = None
         token_weights = [r["token_weight"] for r in results]
-        metrics["loss"] = sum(
-            r["loss"] * w for r, w in zip(results, token_weights, strict=True)
-        ) / max(sum(token_weights), 1e-12)
+        metrics["loss"] = (
+            sum(r["loss"] * w for r, w in zip(results, token_weights, strict=True))
+            / sum(token_weights)
+            if sum(token_weights) > 0
+            else math.nan
+        )
+        if stepped is None:
+            metrics.update(lr=math.nan, grad_norm=0.0, trained_tokens=0)
+            return
         metrics.update(lr=stepped["lr"], grad_norm=stepped["grad_norm"])
         metrics["trained_tokens"] = stepped["num_tokens"]
         # RL batches carry sampling_logprobs, so forward_backward returned the trainer's own.
@@ -328,10 +342,7 @@ class _RLRun:
         metrics: dict[str, Any] = {"step": step + 1, "phase": "rl"}
         groups = await self.filter_groups(rollout, metrics)
         generated = sum(t.num_generated_tokens for g in rollout.groups for t in g.trajectories)
-        if groups or self.world_size > 1:
-            await self.train_on(groups, metrics)
-        else:  # nothing to learn from: the weights stay, the version still advances
-            metrics.update(loss=math.nan, grad_norm=0.0, trained_tokens=0)
+        await self.train_on(groups, metrics)  # with no tokens anywhere the weights stay put
         await self.push_weights(step + 1)
         metrics.update(self.timing(rollout, generated, start_s))
         if self.should_eval(step + 1):
@@ -382,26 +393,23 @@ class _RLRun:
         if self.rank != 0:
             return
         state = {"step": version, "config": dataclasses.asdict(self.config)}
-        state_path = _rl_state_path(path)
-        state_path.parent.mkdir(parents=True, exist_ok=True)
+        state_path = path / RL_STATE_FILE
         tmp_path = state_path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(state, indent=2))
         os.replace(tmp_path, state_path)  # the state appears whole, after its checkpoint
 
     async def resume(self) -> int:
         """Load the newest checkpoint that has RL state; return the step to continue from."""
-        checkpoint_dir = getattr(self.backend, "checkpoint_dir", None)
-        if checkpoint_dir is None:
-            raise ValueError(f"{type(self.backend).__name__} has no checkpoint_dir to resume from")
-        states = sorted(Path(checkpoint_dir, RL_STATE_DIR).glob("step_*.json"))
-        for state_path in reversed(states):
-            state = json.loads(state_path.read_text())
-            path = checkpoint_path(checkpoint_dir, int(state["step"]))
-            if path.is_dir():
+        checkpoints = self.backend.list_checkpoints()
+        for checkpoint in reversed(checkpoints):
+            state_path = checkpoint.path / RL_STATE_FILE
+            if state_path.is_file():
+                state = json.loads(state_path.read_text())
                 self.check_resumable(state["config"], state_path)
-                await self.backend.load_checkpoint(path)
+                await self.backend.load_checkpoint(checkpoint.path)
                 return int(state["step"])
-        raise FileNotFoundError(f"resume=True but {checkpoint_dir} holds no RL checkpoint")
+        where = checkpoints[-1].path.parent if checkpoints else "the backend's checkpoints"
+        raise FileNotFoundError(f"resume=True but {where} holds no RL checkpoint")
 
     def check_resumable(self, saved: dict[str, Any], state_path: Path) -> None:
         """The fields that decide samples and updates must be those of the saved run."""
@@ -417,10 +425,6 @@ class _RLRun:
         self.history.append(metrics)
         if self.logger is not None and self.rank == 0:
             self.logger.log(metrics)
-
-
-def _rl_state_path(checkpoint: Path) -> Path:
-    return checkpoint.parent / RL_STATE_DIR / f"{checkpoint.name}.json"
 
 
 async def run_rl_training(
@@ -465,10 +469,25 @@ async def _run_async(run: _RLRun, start_step: int) -> None:
                 await run.wait_for_version(step - lag_max)
                 await send.send(await run.sample_step(step))
 
-    async with anyio.create_task_group() as task_group:
-        task_group.start_soon(produce)
-        async with receive:
-            for step in range(start_step, run.config.num_steps):
-                rollout = await receive.receive()
-                assert rollout.step == step, "rollouts arrive in step order"
-                await run.train_step(rollout)
+    try:
+        async with anyio.create_task_group() as task_group:
+            task_group.start_soon(produce)
+            async with receive:
+                for step in range(start_step, run.config.num_steps):
+                    rollout = await receive.receive()
+                    assert rollout.step == step, "rollouts arrive in step order"
+                    await run.train_step(rollout)
+    except BaseExceptionGroup as group:
+        # One failure (a dead engine, a refused call) cancels the other task: raise it alone,
+        # so the caller sees the error that ended the run, not a group around it.
+        leaves = _leaves(group)
+        if len(leaves) == 1:
+            raise leaves[0] from None
+        raise
+
+
+def _leaves(group: BaseExceptionGroup) -> list[BaseException]:
+    found: list[BaseException] = []
+    for error in group.exceptions:
+        found.extend(_leaves(error) if isinstance(error, BaseExceptionGroup) else [error])
+    return found

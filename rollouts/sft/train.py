@@ -22,7 +22,7 @@ the config), written atomically after the backend's save. A directory without `s
 so the cursor restores the data stream exactly; `resume=True` then reproduces the losses of a run
 that was never stopped.
 
-Sharded backends (those with a `world`, like `FSDPTrainingBackend`): every rank calls
+Sharded backends (`backend.data_parallel.size > 1`, like `FSDPTrainingBackend`): every rank calls
 `run_sft_training` with the same data and config; each plans the same global micro-batches and
 trains on its own rows of each (rank r takes rows r, r + world_size, ...), so the update is that
 of the whole micro-batch. Results are global, so rank 0 alone logs, writes `sft_state.json` and
@@ -36,7 +36,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +53,6 @@ from rollouts.data.batching import (
 from rollouts.data.sft import SFTDataset
 from rollouts.monitoring.device import device_metrics, mfu_estimator
 from rollouts.monitoring.logging import ProgressBar
-from rollouts.training.backends.checkpointing import list_checkpoints
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.loop import (
     StepResult,
@@ -252,14 +250,6 @@ class _Rank:
             yield self.collate(data, plan, packing=False)
 
 
-def _rank_of(backend: TrainingBackend) -> _Rank:
-    """Rank and size from a sharded backend's `world`; one device otherwise."""
-    world = getattr(backend, "world", None)
-    if world is None:
-        return _Rank()
-    return _Rank(rank=int(world.rank), size=int(world.world_size))
-
-
 @dataclass
 class _RunState:
     """What `sft_state.json` holds besides the config."""
@@ -300,10 +290,12 @@ class _SFTRun:
         self.eval_data, self.logger = eval_data, logger
         self.total_steps = count_sft_steps(train_data, config)
         self.state = _RunState()
-        self.checkpoint_root = _checkpoint_root(backend)
         self.evals: list[dict[str, Any]] = []
-        self.mfu = mfu_estimator(backend, config.peak_flops_per_s)
-        self.rank = _rank_of(backend)
+        data_parallel = backend.data_parallel
+        self.rank = _Rank(rank=data_parallel.rank, size=data_parallel.size)
+        self.mfu = mfu_estimator(
+            backend.num_parameters, backend.device, data_parallel.size, config.peak_flops_per_s
+        )
         self.progress: Any = None
         self.stream: _StepStream  # built once the cursor is known (after a resume)
 
@@ -425,10 +417,9 @@ class _SFTRun:
         extra ones, which the next save removes.
         """
         keep = {*self.state.periodic_steps, self.state.best_step, self.state.step}
-        for path in list_checkpoints(self.checkpoint_root):
-            step = int(path.name.split("_")[1])
-            if step not in keep and (path / SFT_STATE_FILE).is_file():
-                shutil.rmtree(path, ignore_errors=True)
+        for checkpoint in self.backend.list_checkpoints():
+            if checkpoint.step not in keep and (checkpoint.path / SFT_STATE_FILE).is_file():
+                self.backend.delete_checkpoint(checkpoint.step)
 
     def _finish(self, stop_reason: str) -> Path | None:
         self._log(
@@ -443,10 +434,8 @@ class _SFTRun:
         return self._step_path(self.state.step)
 
     def _step_path(self, step: int | None) -> Path | None:
-        if step is None:
-            return None
-        path = self.checkpoint_root / f"step_{step:08d}"
-        return path if path.is_dir() else None
+        found = self.backend.find_checkpoint(step) if step is not None else None
+        return found.path if found is not None else None
 
     # -- per-step metrics --------------------------------------------------------------------------
 
@@ -460,7 +449,7 @@ class _SFTRun:
         if step % self.config.log_every_steps == 0 or step == self.total_steps:
             record = {"kind": "train", "epoch": epoch, **result.metrics()}
             record.update(step=step, backend_step=result.step)
-            record.update(device_metrics(self.backend))
+            record.update(device_metrics(self.backend.device))
             if self.mfu is not None:
                 record["mfu"] = self.mfu(record["tokens_per_s"])
             self._log(record)
@@ -473,20 +462,16 @@ class _SFTRun:
     # -- resume ------------------------------------------------------------------------------------
 
     async def _maybe_resume(self) -> Path | None:
-        latest = _latest_complete_checkpoint(self.checkpoint_root)
+        latest = _latest_complete_checkpoint(self.backend)
         if not self.config.resume:
             if latest is not None:
                 raise ValueError(
-                    f"{self.checkpoint_root} already holds checkpoints of a run (latest "
-                    f"{latest.name}); pass resume=True to continue it, or use an empty "
-                    "checkpoint directory"
+                    f"the backend already holds checkpoints of a run (latest {latest}); pass "
+                    "resume=True to continue it, or use an empty checkpoint directory"
                 )
             return None
         if latest is None:
-            _log.info(
-                "resume=True but no complete checkpoint under %s; starting fresh",
-                self.checkpoint_root,
-            )
+            _log.info("resume=True but the backend holds no complete checkpoint; starting fresh")
             return None
         saved = json.loads((latest / SFT_STATE_FILE).read_text())
         self._check_compatible(saved, latest)
@@ -552,21 +537,11 @@ def _state_from_json(saved: dict[str, Any]) -> _RunState:
     )
 
 
-def _checkpoint_root(backend: TrainingBackend) -> Path:
-    root = getattr(backend, "checkpoint_dir", None)
-    if root is None:
-        raise TypeError(
-            f"{type(backend).__name__} has no checkpoint_dir attribute; run_sft_training needs "
-            "it to find checkpoints to resume from and prune"
-        )
-    return Path(root)
-
-
-def _latest_complete_checkpoint(root: Path) -> Path | None:
+def _latest_complete_checkpoint(backend: TrainingBackend) -> Path | None:
     """The newest checkpoint that has its loop state (older ones if the last save was cut)."""
-    for path in reversed(list_checkpoints(root)):
-        if (path / SFT_STATE_FILE).is_file():
-            return path
+    for checkpoint in reversed(backend.list_checkpoints()):
+        if (checkpoint.path / SFT_STATE_FILE).is_file():
+            return checkpoint.path
     return None
 
 

@@ -10,6 +10,10 @@ reads only the floats the backend already returns; it never forces a device sync
 token-weighted mean loss and its perplexity. An empty validation set returns
 `{"loss": inf, "perplexity": inf, "num_tokens": 0}`: "no evidence" compares as worse than any
 real loss, so early stopping never mistakes it for an improvement.
+
+Both, and the RL loop, submit through a `CallWindow`, which never lets more calls be unfinished
+than the backend's `queue_depth_max` (nor `CALLS_IN_FLIGHT_MAX`, to bound the host memory of
+queued batches): whatever the config, an orchestrator never overflows the backend's queue.
 """
 
 from __future__ import annotations
@@ -19,14 +23,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from rollouts.core.futures import TrainFuture
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.losses import Batch
 
 __all__ = [
+    "CALLS_IN_FLIGHT_MAX",
     "PERPLEXITY_MAX",
+    "CallWindow",
     "NonFiniteLossError",
     "StepResult",
     "TrainStep",
@@ -35,14 +41,39 @@ __all__ = [
     "run_validation_epoch",
 ]
 
+T = TypeVar("T")
+
 PERPLEXITY_MAX = 1e6
 FORWARD_WINDOW = 8  # validation forwards queued ahead of the one awaited
-STEP_CALLS_IN_FLIGHT_MAX = 16  # forward_backward calls of one step queued before awaiting some
-SUBMIT_AHEAD_MAX = 2  # steps queued beyond the awaited one; bounds the backend queue depth
+CALLS_IN_FLIGHT_MAX = 32  # unfinished calls an orchestrator holds, at most (host memory)
+SUBMIT_AHEAD_MAX = 2  # steps queued beyond the awaited one
 
 
 class NonFiniteLossError(FloatingPointError):
     """A training loss (or gradient norm) was NaN or infinite; the run stopped at that step."""
+
+
+class CallWindow:
+    """Submits calls to one backend, holding at most `limit` unfinished ones at a time.
+
+    A backend finishes calls in submission order and frees a call's queue slot before its future
+    resolves, so waiting for the oldest unfinished call always makes room for the next one.
+    """
+
+    def __init__(self, backend: TrainingBackend, limit: int = CALLS_IN_FLIGHT_MAX) -> None:
+        self.limit = min(limit, backend.queue_depth_max)
+        assert self.limit >= 1, "a window holds at least one call"
+        self._open: deque[TrainFuture[Any]] = deque()
+
+    async def submit(self, call: Callable[[], TrainFuture[T]]) -> TrainFuture[T]:
+        """Wait for room (without reading any outcome), then make the call."""
+        while self._open and self._open[0].done():
+            self._open.popleft()
+        while len(self._open) >= self.limit:
+            await self._open.popleft().finished()
+        future = call()
+        self._open.append(future)
+        return future
 
 
 @dataclass(frozen=True)
@@ -98,7 +129,6 @@ class _Submitted:
     step: TrainStep
     forward_backward: list[TrainFuture[dict[str, Any]]]
     optim_step: TrainFuture[dict[str, Any]]
-    early_results: list[dict[str, Any]]  # forward_backward results awaited during submission
 
 
 async def run_training_epoch(
@@ -119,6 +149,7 @@ async def run_training_epoch(
         raise ValueError(f"submit_ahead={submit_ahead}; must lie in [0, {SUBMIT_AHEAD_MAX}]")
     results: list[StepResult] = []
     pending: deque[_Submitted] = deque()
+    window = CallWindow(backend)
     last_done_s = time.perf_counter()
 
     async def finish_oldest() -> None:
@@ -129,7 +160,7 @@ async def run_training_epoch(
             on_step(result)
 
     for step in steps:
-        pending.append(await _submit_step(backend, step))
+        pending.append(await _submit_step(backend, window, step))
         while len(pending) > submit_ahead:
             await finish_oldest()
     while pending:
@@ -143,22 +174,18 @@ async def run_training_epoch(
     return {"loss": mean_loss, "num_steps": len(results), "results": results}
 
 
-async def _submit_step(backend: TrainingBackend, step: TrainStep) -> _Submitted:
-    """Queue a step's forward_backward calls and its optim_step, awaiting only to bound depth."""
+async def _submit_step(backend: TrainingBackend, window: CallWindow, step: TrainStep) -> _Submitted:
+    """Queue a step's forward_backward calls and its optim_step, within the window."""
     assert step.micro_batches, "a training step needs at least one micro-batch"
-    futures: list[TrainFuture[dict[str, Any]]] = []
-    early: list[dict[str, Any]] = []
-    for micro_batch in step.micro_batches:
-        if len(futures) >= STEP_CALLS_IN_FLIGHT_MAX:  # bound the backend queue for long steps
-            early.append(await futures.pop(0))
-        futures.append(backend.forward_backward(micro_batch))
-    return _Submitted(step, futures, backend.optim_step(), early)
+    futures = [
+        await window.submit(lambda batch=batch: backend.forward_backward(batch))
+        for batch in step.micro_batches
+    ]
+    return _Submitted(step, futures, await window.submit(backend.optim_step))
 
 
 async def _finish_step(submitted: _Submitted, last_done_s: float) -> tuple[StepResult, float]:
-    fb_results = list(submitted.early_results)
-    for future in submitted.forward_backward:
-        fb_results.append(await future)
+    fb_results = [await future for future in submitted.forward_backward]
     weights = [float(r["token_weight"]) for r in fb_results]
     total_weight = sum(weights)
     loss = sum(float(r["loss"]) * w for r, w in zip(fb_results, weights, strict=True))
@@ -193,7 +220,8 @@ async def run_validation_epoch(
     backend: TrainingBackend, batches: Iterable[Batch]
 ) -> dict[str, Any]:
     """Token-weighted mean loss over `batches` (no gradients) and its perplexity."""
-    window: list[TrainFuture[dict[str, Any]]] = []
+    window = CallWindow(backend, FORWARD_WINDOW + 1)
+    futures: deque[TrainFuture[dict[str, Any]]] = deque()
     weighted_sum = total_weight = 0.0
     num_tokens = 0
 
@@ -204,10 +232,10 @@ async def run_validation_epoch(
         num_tokens += int(result["num_tokens"])
 
     for batch in batches:
-        window.append(backend.forward(batch))
-        if len(window) > FORWARD_WINDOW:
-            add(await window.pop(0))
-    for future in window:
+        futures.append(await window.submit(lambda batch=batch: backend.forward(batch)))
+        while len(futures) > FORWARD_WINDOW:
+            add(await futures.popleft())
+    for future in futures:
         add(await future)
     if total_weight <= 0:
         return {"loss": math.inf, "perplexity": math.inf, "num_tokens": 0}

@@ -1,9 +1,10 @@
 """Backends (Tier 0) with the primitives (Tier 1) and factories (Tier 2) that build them."""
 
 from rollouts.training.backends.checkpointing import find_latest_checkpoint, list_checkpoints
-from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.backends.protocol import Checkpoint, DataParallel, TrainingBackend
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend
 from rollouts.training.backends.pytorch_factory import (
+    BackendOptions,
     compute_device_map_single_gpu,
     create_adamw_optimizer,
     create_backend_with_scheduler,
@@ -16,6 +17,9 @@ from rollouts.training.backends.pytorch_factory import (
 )
 
 __all__ = [
+    "BackendOptions",
+    "Checkpoint",
+    "DataParallel",
     "FSDPTrainingBackend",
     "PyTorchTrainingBackend",
     "TrainingBackend",
@@ -24,6 +28,7 @@ __all__ = [
     "create_backend_with_scheduler",
     "create_cross_entropy_loss",
     "create_fsdp_backend",
+    "create_fsdp_backend_with_scheduler",
     "create_pytorch_backend",
     "create_warmup_cosine_scheduler",
     "create_warmup_scheduler",
@@ -40,6 +45,7 @@ _LAZY = {
     "FSDPTrainingBackend": "rollouts.training.backends.fsdp",
     "shard_model": "rollouts.training.backends.fsdp",
     "create_fsdp_backend": "rollouts.training.backends.fsdp_factory",
+    "create_fsdp_backend_with_scheduler": "rollouts.training.backends.fsdp_factory",
 }
 
 

@@ -76,6 +76,7 @@ from rollouts.training.backends.checkpointing import (
     step_of,
 )
 from rollouts.training.backends.protocol import DataParallel
+from rollouts.training.backends.pytorch_factory import enable_activation_checkpointing
 from rollouts.training.distributed import World
 from rollouts.training.errors import CheckpointFailedError
 from rollouts.training.losses import Batch, LossFn
@@ -124,14 +125,9 @@ def shard_model(
             "pass block_class_names=('MyDecoderLayer',)"
         )
     if activation_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise ValueError(
-                f"activation_checkpointing=True, but {type(model).__name__} is not a Hugging Face "
-                "model that supports gradient checkpointing"
-            )
         # Non-reentrant checkpointing recomputes inside FSDP2's hooks, which recognise the
         # recomputation (during backward) and leave the unshard/reshard to the backward hooks.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     mesh = init_device_mesh(world.device.type, (world.world_size,))
     policy = (
         MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)

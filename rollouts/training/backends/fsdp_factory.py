@@ -1,9 +1,12 @@
-"""Tier 2 factory for the sharded backend: `create_fsdp_backend`, one call per rank.
+"""Tier 2 factories for the sharded backend: `create_fsdp_backend`, one call per rank.
 
-Built only from the Tier 1 primitives of `pytorch_factory` plus `shard_model`, so it can be
-replaced by the calls it makes:
+They take the same keyword arguments as `create_pytorch_backend` (the fields of
+`BackendOptions`, with the same defaults) and return the same kind of value, so a script swaps
+one device for FSDP by changing the factory's name and launching with torchrun. Built only from
+the Tier 1 primitives of `pytorch_factory` plus `shard_model`, so it can be replaced by the calls
+it makes:
 
-    world = init_distributed()
+    world = init_distributed(device_type="cpu")
     model = load_hf_model(path, parse_dtype("float32"), compute_device_map_single_gpu("cpu", 0))
     shard_model(model, world, mixed_precision=parse_dtype("bfloat16"))
     optimizer = create_adamw_optimizer(model, lr=1e-4)
@@ -20,94 +23,105 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from rollouts.training.backends.fsdp import FSDPTrainingBackend, shard_model
 from rollouts.training.backends.pytorch_factory import (
-    _validate_schedule,
+    BackendOptions,
     compute_device_map_single_gpu,
-    create_adamw_optimizer,
     create_cross_entropy_loss,
-    create_warmup_scheduler,
     load_hf_model,
     parse_dtype,
-    warmup_steps_for,
+    with_options_signature,
 )
 from rollouts.training.distributed import World, init_distributed
-from rollouts.training.losses import LossFn
 
-__all__ = ["create_fsdp_backend"]
+__all__ = ["create_fsdp_backend", "create_fsdp_backend_with_scheduler"]
 
 
+@with_options_signature
 def create_fsdp_backend(
     model_name: str | Path,
     checkpoint_dir: str | Path,
+    *,
     world: World | None = None,
-    dtype: str = "float32",
-    learning_rate: float = 1e-4,
-    adam_betas: tuple[float, float] = (0.9, 0.95),
-    weight_decay: float = 0.0,
-    loss_fn: LossFn | None = None,
-    max_grad_norm: float | None = 1.0,
-    num_training_steps: int | None = None,
-    warmup_ratio: float = 0.03,
-    decay_style: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    mixed_precision: str | None = "bfloat16",
     cpu_offload: bool = False,
-    activation_checkpointing: bool = False,
-    num_threads: int | None = None,
-) -> tuple[FSDPTrainingBackend, torch.optim.lr_scheduler.LambdaLR | None]:
-    """Load, shard, build AdamW, the loss and (optionally) the schedule: `(backend, scheduler)`.
+    **options: Any,
+) -> FSDPTrainingBackend:
+    """Load, shard, build AdamW, the loss and (given `num_training_steps`) the schedule.
 
     Call it on every rank. `world=None` initialises the process group from the torchrun
-    environment (`init_distributed()`); the caller tears it down with `destroy_distributed()`.
-    `dtype` is the dtype of the sharded (master) weights and the optimizer state;
-    `mixed_precision` ("bfloat16", "float32" or None; not "float16", which would need a gradient
-    scaler) the dtype the forward and backward compute in, with gradients reduced in float32.
-    `num_training_steps=None` gives no scheduler (a constant learning rate) and `scheduler` None;
-    otherwise the warmup schedule
-    (`warmup_steps_for(num_training_steps, warmup_ratio)` warmup steps) is built and stepped by
-    the backend, and returned so the caller can read it. `num_threads` is the backend worker's
-    intra-op thread count (None: torch's default).
+    environment (`init_distributed(device_type=...)`); the caller tears it down with
+    `destroy_distributed()`. `dtype` is the dtype of the sharded (master) weights and the
+    optimizer state; `mixed_precision` the dtype the forward and backward compute in, with
+    gradients reduced in float32 ("float16" is refused: it needs a gradient scaler, which the
+    sharded backend does not have). Each rank computes on the GPU of its LOCAL_RANK (choose GPUs
+    with CUDA_VISIBLE_DEVICES). `cpu_offload` keeps the shards and optimizer state in CPU memory.
     """
-    torch_dtype = parse_dtype(dtype)
-    compute_dtype = parse_dtype(mixed_precision) if mixed_precision is not None else None
-    if compute_dtype == torch.float16:
+    opts = BackendOptions.from_kwargs("create_fsdp_backend", options)
+    if opts.mixed_precision == "float16":
         raise ValueError(
             "mixed_precision='float16' needs a gradient scaler, which the sharded backend does not "
             "have; use 'bfloat16' (same speed on hardware that has it, no overflow)"
         )
-    schedule = None
-    if num_training_steps is not None:  # check the schedule before paying for the model load
-        num_warmup_steps = warmup_steps_for(num_training_steps, warmup_ratio)
-        schedule = (num_warmup_steps, num_training_steps, decay_style, min_lr_ratio)
-        _validate_schedule(*schedule)
-    world = world if world is not None else init_distributed()
+    if opts.device_type == "mps":
+        raise ValueError("Invalid device_type: 'mps'. FSDP runs on 'cuda' (NCCL) or 'cpu' (gloo)")
+    world = world if world is not None else init_distributed(device_type=opts.device_type)
+    _check_world(world, opts)
     # Loaded whole on the CPU of every rank; shard_model moves each rank's shard to its device.
     with _progress_bars_on_main_only(world):
-        model = load_hf_model(model_name, torch_dtype, compute_device_map_single_gpu("cpu", 0))
+        model = load_hf_model(
+            model_name, parse_dtype(opts.dtype), compute_device_map_single_gpu("cpu", 0)
+        )
     shard_model(
         model,
         world,
-        mixed_precision=compute_dtype,
+        mixed_precision=opts.compute_dtype(),
         cpu_offload=cpu_offload,
-        activation_checkpointing=activation_checkpointing,
+        activation_checkpointing=opts.activation_checkpointing,
     )
-    optimizer = create_adamw_optimizer(model, learning_rate, adam_betas, weight_decay=weight_decay)
-    scheduler = create_warmup_scheduler(optimizer, *schedule) if schedule else None
-    backend = FSDPTrainingBackend(
+    optimizer, scheduler = opts.optimizer_and_scheduler(model)
+    return FSDPTrainingBackend(
         model,
         optimizer,
-        loss_fn or create_cross_entropy_loss(),
+        opts.loss_fn or create_cross_entropy_loss(),
         checkpoint_dir,
         world,
         scheduler=scheduler,
-        max_grad_norm=max_grad_norm,
-        num_threads=num_threads,
+        max_grad_norm=opts.max_grad_norm,
+        normalization=opts.normalization,
+        queue_depth_max=opts.queue_depth_max,
+        num_threads=opts.num_threads,
     )
-    return backend, scheduler
+
+
+@with_options_signature
+def create_fsdp_backend_with_scheduler(
+    model_name: str | Path, checkpoint_dir: str | Path, num_training_steps: int, **options: Any
+) -> tuple[FSDPTrainingBackend, torch.optim.lr_scheduler.LambdaLR]:
+    """`create_fsdp_backend` with a warmup schedule: `(backend, scheduler)`, as
+    `create_backend_with_scheduler` is for one device."""
+    backend = create_fsdp_backend(
+        model_name, checkpoint_dir, num_training_steps=num_training_steps, **options
+    )
+    assert backend.scheduler is not None, "a schedule was asked for"
+    return backend, backend.scheduler  # type: ignore[return-value]
+
+
+def _check_world(world: World, opts: BackendOptions) -> None:
+    if world.device.type != opts.device_type:
+        raise ValueError(
+            f"device_type={opts.device_type!r}, but the process group computes on "
+            f"{world.device.type!r} ({world.backend})"
+        )
+    if opts.gpu_rank is not None and opts.gpu_rank != world.device.index:
+        raise ValueError(
+            f"gpu_rank={opts.gpu_rank}: under FSDP each rank computes on the GPU of its "
+            f"LOCAL_RANK ({world.local_rank}); leave gpu_rank unset and choose GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
 
 
 @contextmanager

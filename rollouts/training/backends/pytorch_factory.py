@@ -5,7 +5,8 @@ Tier 1 are pure functions with explicit arguments and no retained state: `parse_
 `create_cross_entropy_loss`, `create_warmup_scheduler` (and its cosine shorthand).
 
 Tier 2 (`create_pytorch_backend`, `create_backend_with_scheduler`) calls only Tier 1 and the
-backend constructor, so any Tier 2 call can be replaced by the few Tier 1 calls it makes:
+backend constructor, so any Tier 2 call can be replaced by the few Tier 1 calls it makes. Its
+keyword arguments are the fields of `BackendOptions`, the same for `create_fsdp_backend`:
 
     model = load_hf_model(path, parse_dtype("float32"), compute_device_map_single_gpu("cpu", 0))
     optimizer = create_adamw_optimizer(model, lr=1e-4)
@@ -16,20 +17,28 @@ backend constructor, so any Tier 2 call can be replaced by the few Tier 1 calls 
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
+from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend, validate_device
 from rollouts.training.losses import LossFn, cross_entropy_loss
 
 __all__ = [
     "DECAY_STYLES",
     "DTYPES",
+    "BackendOptions",
     "compute_device_map_single_gpu",
     "create_adamw_optimizer",
     "create_backend_with_scheduler",
@@ -37,9 +46,12 @@ __all__ = [
     "create_pytorch_backend",
     "create_warmup_cosine_scheduler",
     "create_warmup_scheduler",
+    "enable_activation_checkpointing",
     "load_hf_model",
     "parse_dtype",
+    "validate_schedule",
     "warmup_steps_for",
+    "with_options_signature",
 ]
 
 DTYPES: dict[str, torch.dtype] = {
@@ -98,6 +110,18 @@ def load_hf_model(
         ) from error
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (less memory, about a third more compute).
+
+    Non-reentrant checkpointing, which both one device and FSDP2's hooks support."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(
+            f"activation_checkpointing=True, but {type(model).__name__} is not a Hugging Face "
+            "model that supports gradient checkpointing"
+        )
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def create_adamw_optimizer(
     model: nn.Module,
     lr: float,
@@ -147,7 +171,7 @@ def create_warmup_scheduler(
     min_lr_ratio: float = 0.1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warmup 0.1x -> 1.0x, then cosine/linear decay to `min_lr_ratio`x, or constant 1.0x."""
-    _validate_schedule(num_warmup_steps, num_training_steps, decay_style, min_lr_ratio)
+    validate_schedule(num_warmup_steps, num_training_steps, decay_style, min_lr_ratio)
     factor = partial(
         _warmup_decay_factor,
         num_warmup_steps=num_warmup_steps,
@@ -177,6 +201,25 @@ def warmup_steps_for(num_training_steps: int, warmup_ratio: float) -> int:
     return max(1, int(num_training_steps * warmup_ratio))
 
 
+def validate_schedule(
+    num_warmup_steps: int, num_training_steps: int, decay_style: str, min_lr_ratio: float
+) -> None:
+    """Raise ValueError naming the first bad schedule argument."""
+    if decay_style not in DECAY_STYLES:
+        raise ValueError(
+            f"Invalid decay_style: {decay_style!r}. Must be one of {list(DECAY_STYLES)}"
+        )
+    if num_warmup_steps < 0:
+        raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps}. Must be >= 0")
+    if not num_training_steps > num_warmup_steps:
+        raise ValueError(
+            f"Invalid num_training_steps: {num_training_steps}. Must be > num_warmup_steps "
+            f"({num_warmup_steps})"
+        )
+    if not 0 < min_lr_ratio <= 1:
+        raise ValueError(f"Invalid min_lr_ratio: {min_lr_ratio}. Must lie in (0, 1]")
+
+
 def _warmup_decay_factor(
     step: int,
     *,
@@ -197,127 +240,142 @@ def _warmup_decay_factor(
 
 
 # -- Tier 2 ----------------------------------------------------------------------------------------
+#
+# Both engines' factories take the keyword arguments of `BackendOptions`, with its defaults, so a
+# script swaps one device for FSDP by changing the factory's name (and launching with torchrun).
 
 
+@dataclass(frozen=True, kw_only=True)
+class BackendOptions:
+    """What a Tier 2 factory builds, besides the model path and the checkpoint directory."""
+
+    device_type: str = "cuda"  # "cuda", "cpu" or "mps" (FSDP: "cuda" or "cpu")
+    gpu_rank: int | None = None  # one device: the GPU index (None: 0); FSDP: LOCAL_RANK's GPU
+    dtype: str = "float32"  # weights and optimizer state: "float32", "bfloat16" or "float16"
+    mixed_precision: str | None = None  # compute dtype ("bfloat16"; "float16" one device only)
+    learning_rate: float = 1e-4  # peak learning rate of AdamW
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    loss_fn: LossFn | None = None  # None: token-weighted cross-entropy
+    max_grad_norm: float | None = 1.0  # None: no clipping (the norm is still reported)
+    normalization: str = "token_mean"  # or "sum"; see rollouts.training.backends.protocol
+    num_training_steps: int | None = None  # None: a constant learning rate, no scheduler
+    warmup_ratio: float = 0.03  # warmup steps = max(1, int(num_training_steps * ratio))
+    decay_style: str = "cosine"  # after warmup: "cosine", "linear" or "constant"
+    min_lr_ratio: float = 0.1  # the final learning rate as a fraction of the peak
+    activation_checkpointing: bool = False  # recompute each block's activations in backward
+    num_threads: int | None = None  # the backend worker's intra-op threads (None: torch's)
+    queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT  # calls pending at once, at most
+
+    def __post_init__(self) -> None:
+        parse_dtype(self.dtype)
+        if self.mixed_precision is not None:
+            parse_dtype(self.mixed_precision)
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(
+                f"Invalid device_type: {self.device_type!r}. Must be one of {list(DEVICE_TYPES)}"
+            )
+        if self.gpu_rank is not None and (not isinstance(self.gpu_rank, int) or self.gpu_rank < 0):
+            raise ValueError(f"Invalid gpu_rank: {self.gpu_rank!r}. Must be None or an int >= 0")
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"Invalid normalization: {self.normalization!r}. Must be one of {NORMALIZATIONS}"
+            )
+        if self.decay_style not in DECAY_STYLES:
+            raise ValueError(
+                f"Invalid decay_style: {self.decay_style!r}. Must be one of {list(DECAY_STYLES)}"
+            )
+        schedule = self.schedule()  # checks warmup_ratio, num_training_steps, min_lr_ratio
+        if schedule is not None:
+            validate_schedule(*schedule)
+
+    @classmethod
+    def from_kwargs(cls, factory: str, kwargs: dict[str, Any]) -> BackendOptions:
+        """The options of `kwargs`, or a TypeError naming an unknown keyword and the valid ones."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise TypeError(f"{factory}() got unknown option(s) {unknown}; valid: {sorted(names)}")
+        return cls(**kwargs)
+
+    def schedule(self) -> tuple[int, int, str, float] | None:
+        """(warmup steps, training steps, decay style, min ratio), or None for a constant rate."""
+        if self.num_training_steps is None:
+            return None
+        num_warmup_steps = warmup_steps_for(self.num_training_steps, self.warmup_ratio)
+        return num_warmup_steps, self.num_training_steps, self.decay_style, self.min_lr_ratio
+
+    def compute_dtype(self) -> torch.dtype | None:
+        return parse_dtype(self.mixed_precision) if self.mixed_precision else None
+
+    def optimizer_and_scheduler(
+        self, model: nn.Module
+    ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR | None]:
+        """AdamW over the model's trainable parameters and the schedule, from Tier 1."""
+        optimizer = create_adamw_optimizer(
+            model, self.learning_rate, self.adam_betas, weight_decay=self.weight_decay
+        )
+        schedule = self.schedule()
+        return optimizer, create_warmup_scheduler(optimizer, *schedule) if schedule else None
+
+
+def with_options_signature(factory: Callable[..., Any]) -> Callable[..., Any]:
+    """Show the `BackendOptions` fields in `help(factory)` and `inspect.signature(factory)`:
+    the factory takes them as `**options`, so their defaults are written once."""
+    signature = inspect.signature(factory)
+    fixed = [p for p in signature.parameters.values() if p.kind != p.VAR_KEYWORD]
+    named = {p.name for p in fixed}  # e.g. num_training_steps, positional in *_with_scheduler
+    defaults = BackendOptions()
+    options = [
+        inspect.Parameter(
+            field.name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=getattr(defaults, field.name),
+            annotation=field.type,
+        )
+        for field in dataclasses.fields(BackendOptions)
+        if field.name not in named
+    ]
+    factory.__signature__ = signature.replace(parameters=[*fixed, *options])  # type: ignore
+    return factory
+
+
+@with_options_signature
 def create_pytorch_backend(
-    model_name: str | Path,
-    checkpoint_dir: str | Path,
-    device_type: str = "cuda",
-    dtype: str = "bfloat16",
-    gpu_rank: int = 0,
-    learning_rate: float = 1e-4,
-    adam_betas: tuple[float, float] = (0.9, 0.95),
-    weight_decay: float = 0.0,
-    loss_fn: LossFn | None = None,
-    max_grad_norm: float | None = 1.0,
-    num_threads: int | None = None,
+    model_name: str | Path, checkpoint_dir: str | Path, **options: Any
 ) -> PyTorchTrainingBackend:
-    """Load the model, build AdamW and the loss, place it on the device: a ready backend.
-
-    `num_threads` is the backend worker's intra-op thread count (None: torch's default)."""
-    backend, _ = _assemble_pytorch_backend(
-        model_name,
-        checkpoint_dir,
-        device_type,
-        dtype,
-        gpu_rank,
-        learning_rate,
-        adam_betas,
-        weight_decay,
-        loss_fn,
-        max_grad_norm,
-        schedule=None,
-        num_threads=num_threads,
-    )
-    return backend
-
-
-def create_backend_with_scheduler(
-    model_name: str | Path,
-    checkpoint_dir: str | Path,
-    num_training_steps: int,
-    warmup_ratio: float = 0.03,
-    decay_style: str = "cosine",
-    min_lr_ratio: float = 0.1,
-    device_type: str = "cuda",
-    dtype: str = "bfloat16",
-    gpu_rank: int = 0,
-    learning_rate: float = 1e-4,
-    adam_betas: tuple[float, float] = (0.9, 0.95),
-    weight_decay: float = 0.0,
-    loss_fn: LossFn | None = None,
-    max_grad_norm: float | None = 1.0,
-    num_threads: int | None = None,
-) -> tuple[PyTorchTrainingBackend, torch.optim.lr_scheduler.LambdaLR]:
-    """`create_pytorch_backend` plus a warmup schedule the backend steps: `(backend, scheduler)`."""
-    num_warmup_steps = warmup_steps_for(num_training_steps, warmup_ratio)
-    schedule = (num_warmup_steps, num_training_steps, decay_style, min_lr_ratio)
-    backend, scheduler = _assemble_pytorch_backend(
-        model_name,
-        checkpoint_dir,
-        device_type,
-        dtype,
-        gpu_rank,
-        learning_rate,
-        adam_betas,
-        weight_decay,
-        loss_fn,
-        max_grad_norm,
-        schedule=schedule,
-        num_threads=num_threads,
-    )
-    assert scheduler is not None, "a schedule was given"
-    return backend, scheduler
-
-
-def _assemble_pytorch_backend(
-    model_name: str | Path,
-    checkpoint_dir: str | Path,
-    device_type: str,
-    dtype: str,
-    gpu_rank: int,
-    learning_rate: float,
-    adam_betas: tuple[float, float],
-    weight_decay: float,
-    loss_fn: LossFn | None,
-    max_grad_norm: float | None,
-    schedule: tuple[int, int, str, float] | None,
-    num_threads: int | None = None,
-) -> tuple[PyTorchTrainingBackend, torch.optim.lr_scheduler.LambdaLR | None]:
-    torch_dtype = parse_dtype(dtype)
-    device_map = compute_device_map_single_gpu(device_type, gpu_rank)
-    device = validate_device(f"cuda:{gpu_rank}" if device_type == "cuda" else device_type)
-    if schedule is not None:  # check the schedule before paying for the model load
-        _validate_schedule(*schedule)
-    model = load_hf_model(model_name, torch_dtype, device_map).to(device)
-    optimizer = create_adamw_optimizer(model, learning_rate, adam_betas, weight_decay=weight_decay)
-    scheduler = create_warmup_scheduler(optimizer, *schedule) if schedule else None
-    backend = PyTorchTrainingBackend(
+    """Load the model, build AdamW, the loss and (given `num_training_steps`) the warmup
+    schedule, and place it all on the device: a ready backend. Options: `BackendOptions`."""
+    opts = BackendOptions.from_kwargs("create_pytorch_backend", options)
+    gpu_rank = opts.gpu_rank or 0
+    device_map = compute_device_map_single_gpu(opts.device_type, gpu_rank)
+    device = validate_device(f"cuda:{gpu_rank}" if opts.device_type == "cuda" else opts.device_type)
+    model = load_hf_model(model_name, parse_dtype(opts.dtype), device_map).to(device)
+    if opts.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    optimizer, scheduler = opts.optimizer_and_scheduler(model)
+    return PyTorchTrainingBackend(
         model,
         optimizer,
-        loss_fn or create_cross_entropy_loss(),
+        opts.loss_fn or create_cross_entropy_loss(),
         checkpoint_dir,
         device,
         scheduler=scheduler,
-        max_grad_norm=max_grad_norm,
-        num_threads=num_threads,
+        max_grad_norm=opts.max_grad_norm,
+        normalization=opts.normalization,
+        autocast_dtype=opts.compute_dtype(),
+        queue_depth_max=opts.queue_depth_max,
+        num_threads=opts.num_threads,
     )
-    return backend, scheduler
 
 
-def _validate_schedule(
-    num_warmup_steps: int, num_training_steps: int, decay_style: str, min_lr_ratio: float
-) -> None:
-    if decay_style not in DECAY_STYLES:
-        raise ValueError(
-            f"Invalid decay_style: {decay_style!r}. Must be one of {list(DECAY_STYLES)}"
-        )
-    if num_warmup_steps < 0:
-        raise ValueError(f"Invalid num_warmup_steps: {num_warmup_steps}. Must be >= 0")
-    if not num_training_steps > num_warmup_steps:
-        raise ValueError(
-            f"Invalid num_training_steps: {num_training_steps}. Must be > num_warmup_steps "
-            f"({num_warmup_steps})"
-        )
-    if not 0 < min_lr_ratio <= 1:
-        raise ValueError(f"Invalid min_lr_ratio: {min_lr_ratio}. Must lie in (0, 1]")
+@with_options_signature
+def create_backend_with_scheduler(
+    model_name: str | Path, checkpoint_dir: str | Path, num_training_steps: int, **options: Any
+) -> tuple[PyTorchTrainingBackend, torch.optim.lr_scheduler.LambdaLR]:
+    """`create_pytorch_backend` with a warmup schedule: `(backend, scheduler)`."""
+    backend = create_pytorch_backend(
+        model_name, checkpoint_dir, num_training_steps=num_training_steps, **options
+    )
+    assert backend.scheduler is not None, "a schedule was asked for"
+    return backend, backend.scheduler  # type: ignore[return-value]

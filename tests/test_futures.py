@@ -74,9 +74,7 @@ def test_failure_fails_queued_calls_and_refuses_new_ones(worker: SerialWorker) -
     with pytest.raises(KeyError, match="boom"):
         failing.wait(timeout=10)
     for future in queued:
-        with pytest.raises(
-            BackendFailedError, match=r"queued#\d: explode#1 raised KeyError"
-        ):
+        with pytest.raises(BackendFailedError, match=r"queued#\d: explode#1 raised KeyError"):
             future.wait(timeout=10)
     with pytest.raises(BackendFailedError, match="refuses late#5: explode#1 raised KeyError"):
         worker.submit("late", lambda: 1)
@@ -92,9 +90,7 @@ def test_a_failed_thread_setup_fails_every_call() -> None:
     worker = SerialWorker("broken", thread_setup=setup)
     queued = worker.submit("first", lambda: 1)
     submitted.set()
-    with pytest.raises(
-        BackendFailedError, match="first#1: thread_setup raised RuntimeError"
-    ):
+    with pytest.raises(BackendFailedError, match="first#1: thread_setup raised RuntimeError"):
         queued.wait(timeout=10)
     with pytest.raises(BackendFailedError, match="refuses later#2: thread_setup raised"):
         worker.submit("later", lambda: 2)

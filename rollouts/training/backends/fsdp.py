@@ -211,6 +211,11 @@ class FSDPTrainingBackend(QueuedBackend):
     def _where(self) -> str:
         return " on any rank"
 
+    def _reference_weight(self, local_weight: float) -> float:
+        # R = 1: each rank backpropagates its slice's weighted sum, the reduction adds them up
+        # and optim_step divides by the global weight. A per-rank R would differ between ranks.
+        return 1.0
+
     def _call_stats(self, loss: torch.Tensor, weights_BT: torch.Tensor) -> dict[str, Any]:
         """The call's loss, token count and weight over all ranks (one all-reduce)."""
         weight = weights_BT.sum().double()

@@ -83,17 +83,9 @@ def create_fsdp_backend(
         activation_checkpointing=opts.activation_checkpointing,
     )
     optimizer, scheduler = opts.optimizer_and_scheduler(model)
+    loss_fn = opts.loss_fn or create_cross_entropy_loss()
     return FSDPTrainingBackend(
-        model,
-        optimizer,
-        opts.loss_fn or create_cross_entropy_loss(),
-        checkpoint_dir,
-        world,
-        scheduler=scheduler,
-        max_grad_norm=opts.max_grad_norm,
-        normalization=opts.normalization,
-        queue_depth_max=opts.queue_depth_max,
-        num_threads=opts.num_threads,
+        model, optimizer, loss_fn, checkpoint_dir, world, scheduler, **opts.backend_kwargs()
     )
 
 

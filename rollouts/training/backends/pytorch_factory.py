@@ -305,6 +305,15 @@ class BackendOptions:
         num_warmup_steps = warmup_steps_for(self.num_training_steps, self.warmup_ratio)
         return num_warmup_steps, self.num_training_steps, self.decay_style, self.min_lr_ratio
 
+    def backend_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments both backend constructors take, from these options."""
+        return {
+            "max_grad_norm": self.max_grad_norm,
+            "normalization": self.normalization,
+            "queue_depth_max": self.queue_depth_max,
+            "num_threads": self.num_threads,
+        }
+
     def compute_dtype(self) -> torch.dtype | None:
         return parse_dtype(self.mixed_precision) if self.mixed_precision else None
 
@@ -354,18 +363,10 @@ def create_pytorch_backend(
     if opts.activation_checkpointing:
         enable_activation_checkpointing(model)
     optimizer, scheduler = opts.optimizer_and_scheduler(model)
+    loss_fn = opts.loss_fn or create_cross_entropy_loss()
+    kwargs = opts.backend_kwargs() | {"autocast_dtype": opts.compute_dtype()}
     return PyTorchTrainingBackend(
-        model,
-        optimizer,
-        opts.loss_fn or create_cross_entropy_loss(),
-        checkpoint_dir,
-        device,
-        scheduler=scheduler,
-        max_grad_norm=opts.max_grad_norm,
-        normalization=opts.normalization,
-        autocast_dtype=opts.compute_dtype(),
-        queue_depth_max=opts.queue_depth_max,
-        num_threads=opts.num_threads,
+        model, optimizer, loss_fn, checkpoint_dir, device, scheduler, **kwargs
     )
 
 

@@ -77,11 +77,6 @@ class _FirstCall:
 
     def __init__(self, inner: PyTorchTrainingBackend) -> None:
         self.inner, self.first_call_s = inner, None
-        self.checkpoint_dir, self.model, self.device = (
-            inner.checkpoint_dir,
-            inner.model,
-            inner.device,
-        )
 
     def forward_backward(self, batch):
         if self.first_call_s is None:

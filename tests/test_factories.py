@@ -229,3 +229,40 @@ def test_create_backend_with_scheduler(tiny_model_dir: Path, tmp_path: Path) -> 
         create_backend_with_scheduler(
             tiny_model_dir, tmp_path, num_training_steps=1, device_type="cpu"
         )
+
+
+@pytest.mark.parametrize(
+    "options, error, match",
+    [
+        ({"lr": 1e-3}, TypeError, r"unknown option\(s\) \['lr'\]; valid: .*'learning_rate'"),
+        ({"learning_rate": -1.0}, ValueError, "Invalid learning_rate: -1.0"),
+        ({"adam_betas": (0.9, 1.5)}, ValueError, "Invalid adam_betas"),
+        ({"mixed_precision": "fp8"}, ValueError, "Invalid dtype: 'fp8'"),
+        ({"device_type": "tpu"}, ValueError, "Invalid device_type: 'tpu'"),
+        ({"queue_depth_max": 0}, ValueError, "Invalid queue_depth_max: 0"),
+        ({"num_training_steps": 1}, ValueError, "Invalid num_training_steps: 1"),
+    ],
+)
+def test_both_factories_refuse_bad_options_before_loading_anything(
+    tmp_path: Path, options: dict, error: type, match: str
+) -> None:
+    from rollouts.training.backends import create_fsdp_backend
+
+    missing_model = tmp_path / "no_model_here"  # never reached: the options fail first
+    for factory in (create_pytorch_backend, create_fsdp_backend):
+        with pytest.raises(error, match=match):
+            factory(missing_model, tmp_path, **{"device_type": "cpu", **options})
+
+
+def test_both_factories_show_the_same_options_with_the_same_defaults() -> None:
+    import inspect
+
+    from rollouts.training.backends import create_fsdp_backend
+
+    single = inspect.signature(create_pytorch_backend).parameters
+    sharded = inspect.signature(create_fsdp_backend).parameters
+    shared = [name for name in single if name not in ("model_name", "checkpoint_dir")]
+    assert "learning_rate" in shared and "mixed_precision" in shared
+    for name in shared:
+        assert sharded[name].default == single[name].default, name
+    assert set(sharded) - set(single) == {"world", "cpu_offload"}

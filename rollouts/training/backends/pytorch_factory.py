@@ -288,6 +288,22 @@ class BackendOptions:
         schedule = self.schedule()  # checks warmup_ratio, num_training_steps, min_lr_ratio
         if schedule is not None:
             validate_schedule(*schedule)
+        self._check_optimizer_fields()
+
+    def _check_optimizer_fields(self) -> None:
+        # The same rules as create_adamw_optimizer, checked before a model is loaded.
+        if not self.learning_rate > 0:
+            raise ValueError(f"Invalid learning_rate: {self.learning_rate}. Must be > 0")
+        if len(self.adam_betas) != 2 or not all(0 < beta < 1 for beta in self.adam_betas):
+            raise ValueError(f"Invalid adam_betas: {self.adam_betas}. Both must lie in (0, 1)")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"Invalid weight_decay: {self.weight_decay}. Must be >= 0")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}. Must be > 0 or None")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"Invalid num_threads: {self.num_threads}. Must be None or >= 1")
+        if self.queue_depth_max < 1:
+            raise ValueError(f"Invalid queue_depth_max: {self.queue_depth_max}. Must be >= 1")
 
     @classmethod
     def from_kwargs(cls, factory: str, kwargs: dict[str, Any]) -> BackendOptions:

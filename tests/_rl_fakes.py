@@ -1,8 +1,9 @@
 """A deterministic stand-in for a rollout engine, and a task to go with it, for RL loop tests.
 
 `PromptScriptedEngine` answers the j-th copy of prompt "q{i}" in a call with `script[i][j]` (the
-RL loop sends each prompt once per group member), whatever the seed or the weights it was sent, so one device and several ranks (each with its own engine) see exactly
-the same groups. It records the weights it receives and which calls reached it.
+RL loop sends each prompt once per group member), whatever the seed or the weights it was sent,
+so one device and several ranks (each with its own engine) see exactly the same groups. It
+records the weight versions it receives.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from conftest import tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
+from rollouts.core.weights import WeightUpdate
 from rollouts.inference import Completion, HFRolloutEngine, RolloutEngine, SamplingParams
 from rollouts.training import BackendFailedError, PyTorchTrainingBackend
 from rollouts.training.backends import create_cross_entropy_loss
@@ -330,7 +332,7 @@ def test_process_engine_matches_the_thread_engine_and_shuts_down(model: LlamaFor
     assert not process.is_alive()
 
 
-def test_a_failure_in_the_engine_process_reaches_the_caller_and_nothing_hangs(
+def test_a_failure_in_a_healthy_engine_process_is_a_refusal_and_nothing_hangs(
     model: LlamaForCausalLM,
 ) -> None:
     engine = HFRolloutEngine(model, TOKENIZER, mode="process")
@@ -342,11 +344,66 @@ def test_a_failure_in_the_engine_process_reaches_the_caller_and_nothing_hangs(
         with pytest.raises(FloatingPointError, match="NaN logits") as raised:
             failing.wait(timeout=120)
         assert any("engine process" in note for note in raised.value.__notes__)
-        with pytest.raises(BackendFailedError):
-            queued.wait(timeout=10)
-        with pytest.raises(BackendFailedError):
-            engine.sample(PROMPTS, 1, SamplingParams(max_tokens=4))
+        assert any("refused" in note for note in raised.value.__notes__)
+        # Sampling changes nothing, and the child is still serving: the next call runs (and
+        # meets the same NaN weights), and loading good weights makes sampling work again.
+        with pytest.raises(FloatingPointError, match="NaN logits"):
+            queued.wait(timeout=60)
+        engine.load_weights(model.state_dict(), 2)
+        recovered = engine.sample(PROMPTS, 1, SamplingParams(max_tokens=4, seed=0))
+        assert recovered.wait(timeout=60)[0][0].weight_version == 2
         process = engine._child._process
+        assert process.is_alive()
     finally:
         engine.close()
     assert not process.is_alive()
+
+
+def test_load_weights_takes_a_weight_update_and_refuses_another_kind(
+    model: LlamaForCausalLM,
+) -> None:
+    params = SamplingParams(max_tokens=8, seed=2)
+    other = build_model(seed=5).state_dict()
+    with thread_engine(model) as from_dict, thread_engine(model) as from_update:
+        from_dict.load_weights(other, 3)
+        from_update.load_weights(WeightUpdate(tensors=other), 3)
+        assert from_dict.sample(PROMPTS, 1, params).wait() == (
+            from_update.sample(PROMPTS, 1, params).wait()
+        )
+        adapter = WeightUpdate(tensors=other)
+        # A kind WeightUpdate does not construct yet (the planned "adapter"), forced in.
+        object.__setattr__(adapter, "kind", "adapter")
+        with pytest.raises(ValueError, match=r"kind='adapter'.*only kind 'full'"):
+            from_update.load_weights(adapter, 4)
+        with pytest.raises(TypeError, match="WeightUpdate or a state dict"):
+            from_update.load_weights([("x", torch.zeros(1))], 4)  # type: ignore[arg-type]
+        assert from_update.weight_version == 3
+
+
+def test_a_load_that_fails_midway_stops_the_stream_until_a_load_succeeds(
+    model: LlamaForCausalLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    params = SamplingParams(max_tokens=4, seed=0)
+    queued_behind = threading.Event()
+    with thread_engine(model) as engine:
+        core = engine._core
+
+        def copy_half_then_fail(state_dict: dict[str, torch.Tensor], version: int) -> None:
+            half = list(state_dict)[: len(state_dict) // 2]
+            core.model.load_state_dict({name: state_dict[name] for name in half}, strict=False)
+            queued_behind.wait(timeout=30)
+            raise RuntimeError("out of memory halfway through the copy")
+
+        monkeypatch.setattr(core, "load_weights", copy_half_then_fail)
+        failed = engine.load_weights(model.state_dict(), 1)
+        queued = engine.sample(PROMPTS, 1, params)
+        queued_behind.set()
+        with pytest.raises(RuntimeError, match="halfway"):
+            failed.wait(timeout=30)
+        with pytest.raises(BackendFailedError, match=r"load_weights#\d+ raised RuntimeError"):
+            queued.wait(timeout=30)
+        with pytest.raises(BackendFailedError, match="weights half-changed"):
+            engine.sample(PROMPTS, 1, params)
+        monkeypatch.undo()
+        engine.load_weights(model.state_dict(), 2).wait(timeout=30)  # a full load recovers
+        assert engine.sample(PROMPTS, 1, params).wait(timeout=30)[0][0].weight_version == 2

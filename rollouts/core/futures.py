@@ -57,6 +57,8 @@ class TrainFuture(Generic[T]):
         try:
             return self._future.result(timeout=timeout)
         except concurrent.futures.TimeoutError:
+            if self._future.done():  # the call itself raised a TimeoutError: keep it as it is
+                raise
             raise TimeoutError(f"{self.label} did not finish within {timeout} s") from None
 
     async def result(self) -> T:

@@ -173,10 +173,10 @@ class SerialWorker:
                 self._closed = True
                 self._queue.put(None)
         _OPEN_WORKERS.discard(self)
-        if threading.current_thread() is self._thread:
-            return
+        if already_closed or threading.current_thread() is self._thread:
+            return  # the first close() waited (or gave up) already
         self._thread.join(timeout=timeout_s)
-        if self._thread.is_alive() and not already_closed:
+        if self._thread.is_alive():
             self._give_up(timeout_s)
 
     def is_alive(self) -> bool:

@@ -3,17 +3,43 @@
 The engine owns a deep copy of the model it is given (it never aliases a trainer's parameters) and
 samples with `rollouts.inference._sampling.generate`: batched, left-padded, over the KV cache, with
 log-probs of the exact distribution sampled from (see `rollouts.inference.protocol`).
-`load_weights(state_dict, version)` copies the tensors before it returns, so later changes to the
-caller's dict or to the trainer's live weights never reach the engine: the engine holds a snapshot.
+`load_weights(weights, version)` takes a `WeightUpdate` (kind "full"; another kind is refused
+with ValueError naming it) or a plain state dict, and copies the tensors before it returns, so
+later changes to the caller's dict or to the trainer's live weights never reach the engine: the
+engine holds a snapshot.
 
 Where it runs (`mode`):
 - "process" (the default): a child process started with torch.multiprocessing ("spawn"), with
   `num_threads` intra-op threads (default 1). A thread of this process sends each call and
-  resolves its future when the child answers; weights travel as a state dict through shared
-  memory. `close()` stops the child (and terminates it if it does not answer); a child whose
-  parent dies sees its pipe close and exits.
+  resolves its future when the child answers; the model copy and the tokenizer reach the child
+  through a temporary file and shared memory, weights through shared memory (see
+  `rollouts.inference._engine_process`). `close()` stops the child (and kills it if it does not
+  exit within a bound); a child whose parent dies sees its pipe close and exits. A main script
+  that creates a process engine must do so under `if __name__ == "__main__":`: "spawn" re-runs
+  the script's module-level code in the child, so the constructor refuses (RuntimeError naming
+  the script and line) code that would be re-run.
 - "thread": a worker thread of this process, with `num_threads` intra-op threads for that thread
   (torch's OpenMP thread count is per thread).
+
+Bounds and faults (process mode). Every exchange with the child is bounded: start-up (the child
+imports torch and transformers, about 6-10 s here) by `start_timeout_s` (default 300 s), each
+call by `call_timeout_s` (default 600 s). Then:
+- A child that dies (killed, crashed, out of memory) fails the running call at once with
+  `EngineProcessError` naming the call and the exit code, e.g. "the engine process (pid 123)
+  was killed by SIGKILL (exit code -9) during sample#3; ...". One that dies during start-up is
+  named the same way, "during start_process#1, during its start-up"; its own traceback, if any,
+  is on the stderr it shares with this process.
+- A child that stays alive and does not answer within the bound (stuck, or stopped) fails the call
+  with `EngineTimeoutError` (an `EngineProcessError` and a `TimeoutError`) naming the call and
+  the bound, and is killed, so nothing is left behind.
+- After either, the engine is unusable: the calls queued behind and every later call fail with
+  `BackendFailedError` naming the original failure; make a new engine.
+- An exception raised by the engine's own code in a healthy child (NaN logits, say) is raised as
+  itself, with the child's traceback as a note. A failed `sample` is a refusal: only its future
+  fails and the next call runs. A failed `load_weights` (in either mode) leaves the weights
+  suspect: later calls fail with `BackendFailedError` until a `load_weights` succeeds.
+`close()` and interpreter exit finish the queued calls first (each within its bound), then stop
+the child; neither waits without a bound.
 
 Why a process by default: sampling a small model is dominated by Python work per decoding step
 (one tiny forward per token), so an engine thread and the trainer's thread take turns on the GIL;
@@ -35,30 +61,53 @@ one copy of the weights per `load_weights` through shared memory.
 
 from __future__ import annotations
 
-import contextlib
+import atexit
 import copy
+import math
 import os
-import traceback
+import sys
+import threading
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from rollouts.core.futures import TrainFuture
-from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.core.weights import WeightUpdate, as_weight_update
+from rollouts.core.worker import EXIT_CODE_GAVE_UP, QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
+from rollouts.inference._engine_process import ChildProcess, EngineProcessError, EngineTimeoutError
+from rollouts.inference._main_guard import check_main_guard
 from rollouts.inference._sampling import generate
 from rollouts.inference.protocol import Completion, SamplingParams
 
-__all__ = ["ENGINE_MODES", "HFRolloutEngine"]
+__all__ = [
+    "CALL_TIMEOUT_S_DEFAULT",
+    "ENGINE_MODES",
+    "START_TIMEOUT_S_DEFAULT",
+    "EngineProcessError",
+    "EngineTimeoutError",
+    "HFRolloutEngine",
+]
+
+T = TypeVar("T")
 
 ENGINE_MODES = ("process", "thread")
-_POLL_INTERVAL_S = 0.2
-_SHUTDOWN_TIMEOUT_S = 10.0
+# Generous: a bound that catches a dead or stuck child, not one a slow legitimate call meets.
+CALL_TIMEOUT_S_DEFAULT = 600.0
+START_TIMEOUT_S_DEFAULT = 300.0
+# How long a call's body waits for its own label; submit() sets it right after queueing.
+_LABEL_WAIT_S = 10.0
+# How long close() waits for the worker thread once the child that a stuck call used is gone.
+_WORKER_JOIN_TIMEOUT_S = 10.0
+_RECOVERY_HINTS = {
+    "weights": "load_weights(...) with a full set of weights",
+    "engine process": "close() this engine and create a new one",
+}
 
 
 @dataclass
@@ -102,7 +151,7 @@ class _EngineCore:
         ]
         return [completions[i : i + num_samples] for i in range(0, len(rows), num_samples)]
 
-    def load_weights(self, state_dict: dict[str, torch.Tensor], version: int) -> None:
+    def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         # load_state_dict copies into the model's own tensors: nothing of `state_dict` is kept.
         self.model.load_state_dict(state_dict, strict=True)
         self.weight_version = version
@@ -116,6 +165,8 @@ class HFRolloutEngine:
 
     `model` is copied (deeply) and put in eval mode on `device`; the caller's model is untouched.
     `batch_size_max` bounds the rows decoded together (prompts x samples are split into chunks).
+    `call_timeout_s` bounds each call to the child and `start_timeout_s` its start-up (process
+    mode; a thread cannot be interrupted, so thread mode has no such bound).
     """
 
     def __init__(
@@ -129,17 +180,16 @@ class HFRolloutEngine:
         batch_size_max: int = 64,
         weight_version: int = 0,
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
+        call_timeout_s: float = CALL_TIMEOUT_S_DEFAULT,
+        start_timeout_s: float = START_TIMEOUT_S_DEFAULT,
     ) -> None:
-        if mode not in ENGINE_MODES:
-            raise ValueError(f"mode={mode!r}; must be one of {ENGINE_MODES}")
-        if num_threads is not None and num_threads < 1:
-            raise ValueError(
-                f"num_threads must be None (torch's default) or >= 1, got {num_threads}"
-            )
-        if batch_size_max < 1:
-            raise ValueError(f"batch_size_max must be >= 1, got {batch_size_max}")
+        _validate_settings(mode, num_threads, batch_size_max, call_timeout_s, start_timeout_s)
+        if mode == "process":
+            check_main_guard("HFRolloutEngine(mode='process')")
         self.device = torch.device(device)
         self.mode = mode
+        self.call_timeout_s = float(call_timeout_s)
+        self.start_timeout_s = float(start_timeout_s)
         engine_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         self._shapes = {name: t.shape for name, t in engine_model.state_dict().items()}
         config = getattr(engine_model, "config", None)
@@ -155,15 +205,30 @@ class HFRolloutEngine:
         )
         self._version = weight_version
         self._worker = SerialWorker(
-            f"HFRolloutEngine[{mode}]", queue_depth_max, _thread_count_setter(num_threads)
+            f"HFRolloutEngine[{mode}]",
+            queue_depth_max,
+            _thread_count_setter(num_threads),
+            recovery_hints=_RECOVERY_HINTS,
         )
         self._core: _EngineCore | None = None
-        self._child: _ChildProcess | None = None
+        self._child: ChildProcess | None = None
         if mode == "thread":
             self._core = core
-        else:
-            self._child = _ChildProcess(core, num_threads)
-            self._worker.submit("start_process", self._child.wait_ready)
+            return
+        try:
+            self._child = ChildProcess(
+                core,
+                num_threads,
+                call_timeout_s=self.call_timeout_s,
+                start_timeout_s=self.start_timeout_s,
+            )
+        except BaseException:
+            self._worker.close()
+            raise
+        _OPEN_PROCESS_ENGINES.add(self)
+        # Start-up runs on the worker, in the background of the caller's own set-up; a failure
+        # stops the stream, so the first call names it.
+        self._submit("start_process", self._start_child)
 
     @classmethod
     def from_pretrained(
@@ -188,21 +253,30 @@ class HFRolloutEngine:
         # Drawn now, on the caller's side, so that the call is fully described when queued.
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(7), "little")
         args = (prompt_lists, num_samples, params, seed)
-        return self._worker.submit("sample", lambda: self._run("sample", args))
+        return self._submit("sample", partial(self._sample, args))
 
     def load_weights(
-        self, state_dict: Mapping[str, torch.Tensor], version: int
+        self, weights: WeightUpdate | Mapping[str, torch.Tensor], version: int
     ) -> TrainFuture[None]:
-        self._validate_state_dict(state_dict)
+        """Queue a copy of `weights` (a `WeightUpdate` of kind "full", or a state dict), taken
+        now, labelled `version`; see the module docstring for what a failure does."""
+        update = as_weight_update(weights)
+        if update.kind != "full":
+            raise ValueError(
+                f"load_weights: WeightUpdate.kind={update.kind!r}; HFRolloutEngine applies only "
+                "kind 'full' (the whole state dict)"
+            )
+        self._validate_state_dict(update.tensors)
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version must be an int, got {version!r}")
-        # The snapshot is taken here, before the call returns: mutating `state_dict` afterwards
-        # (or training the model it came from) cannot reach the engine.
+        # The snapshot is taken here, before the call returns: mutating the tensors afterwards
+        # (or training the model they came from) cannot reach the engine.
         target = self.device if self.mode == "thread" else torch.device("cpu")
-        snapshot = {k: v.detach().to(target, copy=True) for k, v in state_dict.items()}
+        snapshot = {k: v.detach().to(target, copy=True) for k, v in update.tensors.items()}
         self._version = version
-        return self._worker.submit(
-            "load_weights", lambda: self._run("load_weights", (snapshot, version))
+        # A full load replaces every tensor, so it also repairs weights a failed load left suspect.
+        return self._submit(
+            "load_weights", partial(self._load_weights, snapshot, version), recovers=("weights",)
         )
 
     @property
@@ -211,10 +285,20 @@ class HFRolloutEngine:
         return self._version
 
     def close(self) -> None:
-        """Finish queued calls, stop the worker thread and (process mode) the child process."""
+        """Finish queued calls, stop the worker thread and (process mode) the child process.
+
+        Bounded: the worker's drain by its close timeout (each call by `call_timeout_s`), the
+        child's exit by a few seconds before it is killed.
+        """
         self._worker.close()
-        if self._child is not None:
-            self._child.shutdown()
+        if self._child is None:
+            return
+        _OPEN_PROCESS_ENGINES.discard(self)
+        # If the drain gave up on a call still exchanging with the child, stop() kills the child
+        # rather than touch the pipe under it, which ends that call; then the thread can finish.
+        self._child.stop()
+        if self._worker.is_alive():
+            self._worker.close(timeout_s=_WORKER_JOIN_TIMEOUT_S)
 
     def __enter__(self) -> HFRolloutEngine:
         return self
@@ -222,13 +306,45 @@ class HFRolloutEngine:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    # -- internals ---------------------------------------------------------------------------------
+    # -- internals: the calls' bodies, run on the worker thread ------------------------------------
 
-    def _run(self, op: str, args: tuple[Any, ...]) -> Any:
+    def _submit(
+        self, op: str, body: Callable[[str], T], *, recovers: tuple[str, ...] = ()
+    ) -> TrainFuture[T]:
+        """Queue `body(label)`, where `label` is the call's name in the stream, e.g. "sample#3"."""
+        label = _CallLabel(op)
+        future = self._worker.submit(op, lambda: body(label.get()), recovers=recovers)
+        label.set(future.label)
+        return future
+
+    def _start_child(self, label: str) -> None:
+        assert self._child is not None, "only a process engine starts a child"
+        self._worker.touch("engine process")  # until it is ready, nothing can run on it
+        self._child.wait_ready(label)
+
+    def _sample(self, args: tuple[Any, ...], label: str) -> list[list[Completion]]:
         if self._core is not None:
-            return getattr(self._core, op)(*args)
+            return self._core.sample(*args)
+        return self._call_child(label, "sample", args)
+
+    def _load_weights(self, snapshot: dict[str, torch.Tensor], version: int, label: str) -> None:
+        # From here on a failure may have left some tensors copied and others not.
+        self._worker.touch("weights")
+        if self._core is not None:
+            self._core.load_weights(snapshot, version)
+            return
+        self._call_child(label, "load_weights", (snapshot, version))
+
+    def _call_child(self, label: str, op: str, args: tuple[Any, ...]) -> Any:
         assert self._child is not None, "an engine has a core or a child"
-        return self._child.call(op, args)
+        try:
+            return self._child.call(label, op, args)
+        except EngineProcessError:
+            # The child is gone: whatever it held is lost, and no later call can run.
+            self._worker.touch("engine process")
+            raise
+
+    # -- internals: validation ---------------------------------------------------------------------
 
     def _validate_prompts(
         self, prompts: Sequence[Sequence[int]], params: SamplingParams
@@ -263,7 +379,7 @@ class HFRolloutEngine:
         unexpected = sorted(state_dict.keys() - self._shapes.keys())
         if missing or unexpected:
             raise ValueError(
-                f"load_weights: state_dict does not match the engine's model; "
+                f"load_weights: the weights do not match the engine's model; "
                 f"missing {missing[:5]}, unexpected {unexpected[:5]}"
             )
         for name, tensor in state_dict.items():
@@ -272,6 +388,46 @@ class HFRolloutEngine:
                     f"load_weights: {name} has shape {tuple(tensor.shape)}, the engine's model "
                     f"expects {tuple(self._shapes[name])}"
                 )
+
+
+class _CallLabel:
+    """A call's label in the worker's stream, known once `submit` returns; the call's body, which
+    may start before that, waits for it (briefly: submit returns right after queueing)."""
+
+    def __init__(self, op: str) -> None:
+        self._label = op
+        self._known = threading.Event()
+
+    def set(self, label: str) -> None:
+        self._label = label
+        self._known.set()
+
+    def get(self) -> str:
+        self._known.wait(_LABEL_WAIT_S)
+        return self._label
+
+
+def _validate_settings(
+    mode: str,
+    num_threads: int | None,
+    batch_size_max: int,
+    call_timeout_s: float,
+    start_timeout_s: float,
+) -> None:
+    if mode not in ENGINE_MODES:
+        raise ValueError(f"mode={mode!r}; must be one of {ENGINE_MODES}")
+    if num_threads is not None and num_threads < 1:
+        raise ValueError(f"num_threads must be None (torch's default) or >= 1, got {num_threads}")
+    if batch_size_max < 1:
+        raise ValueError(f"batch_size_max must be >= 1, got {batch_size_max}")
+    for name, value in (("call_timeout_s", call_timeout_s), ("start_timeout_s", start_timeout_s)):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {value!r}")
 
 
 def _thread_count_setter(num_threads: int | None) -> Any:
@@ -302,85 +458,26 @@ def _pad_token_id(tokenizer: Any) -> int:
     return 0
 
 
-# -- process mode ---------------------------------------------------------------------------------
+# -- interpreter exit ------------------------------------------------------------------------------
+
+_OPEN_PROCESS_ENGINES: weakref.WeakSet[HFRolloutEngine] = weakref.WeakSet()
 
 
-class _ChildProcess:
-    """The engine's child process and the parent's end of its pipe (used by one worker thread)."""
+def _close_open_engines_at_exit() -> None:
+    """Close every process engine still open: its queued calls finish (as the worker's own exit
+    hook would let them), then its child stops.
 
-    def __init__(self, core: _EngineCore, num_threads: int | None) -> None:
-        context = torch.multiprocessing.get_context("spawn")
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self._process = context.Process(
-            target=_serve, args=(child_conn, core, num_threads), name="HFRolloutEngine", daemon=True
-        )
-        self._process.start()
-        child_conn.close()
-        # Ends the child even if close() is never called (garbage collection or interpreter exit).
-        self._finalizer = weakref.finalize(self, _stop_process, self._process, self._conn)
-
-    def wait_ready(self) -> None:
-        self._receive("start")
-
-    def call(self, op: str, args: tuple[Any, ...]) -> Any:
-        self._conn.send((op, args))
-        return self._receive(op)
-
-    def shutdown(self) -> None:
-        self._finalizer()
-
-    def _receive(self, op: str) -> Any:
-        while not self._conn.poll(_POLL_INTERVAL_S):
-            if not self._process.is_alive():
-                raise RuntimeError(
-                    f"the engine process exited (code {self._process.exitcode}) during {op}"
-                )
-        status, payload, child_traceback = self._conn.recv()
-        if status == "error":
-            payload.add_note(f"raised in the engine process during {op}:\n{child_traceback}")
-            raise payload
-        return payload
+    Registered after the worker's hook, so it runs first; and after multiprocessing's, which runs
+    last and joins daemonic children without a bound, so no child is left for it to wait on.
+    """
+    engines = list(_OPEN_PROCESS_ENGINES)
+    for engine in engines:
+        engine.close()
+    if any(engine._worker.is_alive() for engine in engines):
+        # Mirrors the worker's own hook: never let the interpreter finalise under a running call.
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(EXIT_CODE_GAVE_UP)
 
 
-def _stop_process(process: Any, conn: Connection) -> None:
-    # OSError/ValueError: the pipe is already closed, so the child is gone or going.
-    with contextlib.suppress(OSError, ValueError):
-        conn.send(("close", ()))
-    process.join(_SHUTDOWN_TIMEOUT_S)
-    if process.is_alive():
-        process.terminate()
-        process.join(_SHUTDOWN_TIMEOUT_S)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    conn.close()
-
-
-def _serve(conn: Connection, core: _EngineCore, num_threads: int | None) -> None:
-    """The child's loop: answer (op, args) messages until "close" or the parent's pipe closes."""
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    conn.send(("ok", None, ""))
-    while True:
-        try:
-            op, args = conn.recv()
-        except (EOFError, OSError):
-            return
-        if op == "close":
-            return
-        try:
-            result = getattr(core, op)(*args)
-        except Exception as error:
-            conn.send(("error", _picklable(error), traceback.format_exc()))
-            continue
-        conn.send(("ok", result, ""))
-
-
-def _picklable(error: Exception) -> Exception:
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(error))
-    except Exception:
-        return RuntimeError(f"{type(error).__name__}: {error}")
-    return error
+atexit.register(_close_open_engines_at_exit)

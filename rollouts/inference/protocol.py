@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from rollouts.core.futures import TrainFuture
+from rollouts.core.weights import WeightUpdate
 
 __all__ = ["FINISH_REASONS", "Completion", "RolloutEngine", "SamplingParams"]
 
@@ -111,9 +112,13 @@ class RolloutEngine(Protocol):
         ...
 
     def load_weights(
-        self, state_dict: Mapping[str, torch.Tensor], version: int
+        self, weights: WeightUpdate | Mapping[str, torch.Tensor], version: int
     ) -> TrainFuture[None]:
-        """Make the engine's weights a copy of `state_dict` (taken now) labelled `version`."""
+        """Make the engine's weights a copy of `weights` (taken now) labelled `version`.
+
+        `weights` is a `WeightUpdate` (applied as its `kind` says; a kind the engine cannot apply
+        is refused with ValueError naming it) or a plain state dict, taken as kind "full".
+        """
         ...
 
     @property

@@ -47,7 +47,7 @@ from rollouts.tasks.episodes import run_episodes
 from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
 from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.errors import NoWeightedTokensError
+from rollouts.training.errors import BackendFailedError, NoWeightedTokensError
 from rollouts.training.loop import CallWindow
 from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
 
@@ -449,13 +449,24 @@ async def run_rl_training(
     await run.push_weights(start_step)
     if config.eval_every_steps > 0 and start_step == 0:
         run.log({"step": 0, "phase": "rl", **await run.evaluate()})
-    if config.async_mode:
-        await _run_async(run, start_step)
-    else:
-        for step in range(start_step, config.num_steps):
-            await run.train_step(await run.sample_step(step))
-    await run.drain_pushes()
+    try:
+        if config.async_mode:
+            await _run_async(run, start_step)
+        else:
+            for step in range(start_step, config.num_steps):
+                await run.train_step(await run.sample_step(step))
+        await run.drain_pushes()
+    except BackendFailedError as error:
+        # A call skipped because an earlier one failed (a weight push to an engine that died,
+        # say): raise the failure itself, the one that names what went wrong.
+        raise _root_cause(error) from None
     return run.history
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    while isinstance(error, BackendFailedError) and error.__cause__ is not None:
+        error = error.__cause__
+    return error
 
 
 async def _run_async(run: _RLRun, start_step: int) -> None:
@@ -474,7 +485,10 @@ async def _run_async(run: _RLRun, start_step: int) -> None:
             task_group.start_soon(produce)
             async with receive:
                 for step in range(start_step, run.config.num_steps):
-                    rollout = await receive.receive()
+                    try:
+                        rollout = await receive.receive()
+                    except anyio.EndOfStream:  # the producer failed: its error ends the run
+                        break
                     assert rollout.step == step, "rollouts arrive in step order"
                     await run.train_step(rollout)
     except BaseExceptionGroup as group:

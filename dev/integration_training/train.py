@@ -273,9 +273,20 @@ async def run_rl_stage(
         rl_dir / "checkpoints",
         world,
         rl,
-        loss_fn=make_rl_loss(rl.loss),
+        loss_fn=make_rl_loss(rl.loss, kl_coef=rl.kl_coef),
         num_threads=rl.trainer_threads or None,
     )
+    reference = None
+    if rl.kl_coef > 0:  # the policy the KL penalty pulls toward; it only runs forward
+        reference_model = rl.reference or str(sft_model)
+        reference = build_backend(
+            config,
+            reference_model,
+            rl_dir / "reference",
+            world,
+            rl,
+            num_threads=rl.trainer_threads or None,
+        )
     engine = HFRolloutEngine(
         load_hf_model(sft_model, torch.float32, None),
         tokenizer,
@@ -294,7 +305,9 @@ async def run_rl_stage(
     greedy = dict(max_tokens=ACCURACY_MAX_TOKENS, success_reward=rl.training.success_reward)
     try:
         before = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
-        history = await run_rl_training(backend, engine, task, rl.training, logger, tokenizer)
+        history = await run_rl_training(
+            backend, engine, task, rl.training, logger, tokenizer, reference
+        )
         after = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         await backend.export_hf(rl_dir / "final_model")
     finally:
@@ -302,6 +315,8 @@ async def run_rl_stage(
             logger.close()
         engine.close()
         backend.close()
+        if reference is not None:
+            reference.close()
     if is_main:
         tokenizer.save_pretrained(rl_dir / "final_model")
         summarize_rl(rl, history, before, after, len(test), plot_metrics(rl_dir))

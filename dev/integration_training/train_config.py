@@ -98,6 +98,8 @@ class RLStageConfig:
 
     enabled: bool = False  # run RL after SFT
     loss: str = "ppo"  # a name in rollouts.training.losses.RL_LOSSES
+    kl_coef: float = 0.0  # > 0: a k3 KL penalty toward the reference policy, in the loss
+    reference: str = ""  # the reference model ("" = the SFT model this stage starts from)
     learning_rate: float = 1e-4  # constant (RL steps are few; no schedule)
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
@@ -116,6 +118,8 @@ class RLStageConfig:
             raise ValueError(f"rl.engine_mode={self.engine_mode!r}; must be one of {ENGINE_MODES}")
         if not self.learning_rate > 0:
             raise ValueError(f"rl.learning_rate={self.learning_rate}; must be > 0")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"rl.kl_coef={self.kl_coef}; must be >= 0")
         for name in ("test_examples", "engine_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rl.{name}={getattr(self, name)}; must be >= 1")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -78,24 +79,28 @@ def build_micro_batches(
     advantages: Sequence[float],
     micro_batch_size: int,
     pad_token_id: int,
-) -> list[dict[str, torch.Tensor]]:
+    temperature: float = 1.0,
+) -> list[dict[str, Any]]:
     """Backend batches: labels are the next tokens, weighted only where the policy generated them.
 
     Each batch holds `input_ids`, `labels`, `loss_mask`, `advantages` and `sampling_logprobs`,
-    all [B, T] and aligned with the logits, right-padded within the micro-batch.
+    all [B, T] and aligned with the logits, right-padded within the micro-batch, and
+    `temperature`, the one the samples were drawn at: the trainer's log-probs are then those of
+    softmax(logits / T), the distribution the sampler's log-probs describe.
     """
     if len(trajectories) != len(advantages):
         raise ValueError(f"{len(trajectories)} trajectories but {len(advantages)} advantages")
     if micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0 (the sampling temperature), got {temperature}")
     batches = []
     for start in range(0, len(trajectories), micro_batch_size):
         chunk = range(start, min(start + micro_batch_size, len(trajectories)))
-        batches.append(
-            _pad_batch(
-                [trajectories[i] for i in chunk], [advantages[i] for i in chunk], pad_token_id
-            )
+        batch = _pad_batch(
+            [trajectories[i] for i in chunk], [advantages[i] for i in chunk], pad_token_id
         )
+        batches.append(batch | {"temperature": temperature})
     return batches
 
 

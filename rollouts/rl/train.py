@@ -49,7 +49,12 @@ from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.errors import BackendFailedError, NoWeightedTokensError
 from rollouts.training.loop import CallWindow
-from rollouts.training.losses import IGNORE_INDEX, ratio_diagnostics, weighted_mean
+from rollouts.training.losses import (
+    IGNORE_INDEX,
+    kl_penalty_k3,
+    ratio_diagnostics,
+    weighted_mean,
+)
 
 __all__ = ["RLTrainingConfig", "run_rl_training"]
 
@@ -74,7 +79,7 @@ class RLTrainingConfig:
     group_size: int = 8  # samples per prompt (G)
     micro_batch_size: int = 64  # sequences per forward_backward
     max_tokens: int = 16  # generated tokens per assistant turn, at most
-    temperature: float = 1.0  # sampling temperature (1.0 keeps sampler and trainer comparable)
+    temperature: float = 1.0  # sampling temperature; the trainer scores logits / temperature too
     top_k: int = -1  # -1: off
     top_p: float = 1.0  # 1.0: off
     stop: tuple[str, ...] | None = None  # stop strings, besides EOS
@@ -114,6 +119,11 @@ class RLTrainingConfig:
                 f"RLTrainingConfig.stale_groups={self.stale_groups!r}; must be one of "
                 f"{STALE_POLICIES}"
             )
+        if not self.temperature > 0:
+            raise ValueError(
+                f"RLTrainingConfig.temperature={self.temperature}; must be > 0 (RL samples; "
+                "greedy decoding has no exploration and point-mass log-probs)"
+            )
         if not 0 < self.ratio_clip_low < 1 < self.ratio_clip_high:
             raise ValueError("RLTrainingConfig needs 0 < ratio_clip_low < 1 < ratio_clip_high")
 
@@ -146,9 +156,10 @@ class _RLRun:
         config: RLTrainingConfig,
         logger: Any,
         tokenizer: Any,
+        reference: TrainingBackend | None = None,
     ) -> None:
         self.backend, self.engine, self.task, self.config = backend, engine, task, config
-        self.logger, self.tokenizer = logger, tokenizer
+        self.logger, self.tokenizer, self.reference = logger, tokenizer, reference
         self.train_prompts: Sequence[TaskPrompt] = task.train_prompts()
         self.eval_prompts = list(task.eval_prompts())[: config.eval_max_prompts]
         if not self.train_prompts:
@@ -278,22 +289,19 @@ class _RLRun:
             for a in group_advantages(g.rewards, self.config.normalize_advantages_by_std)
         ]
         batches = build_micro_batches(
-            trajectories, advantages, self.config.micro_batch_size, self.pad_token_id
+            trajectories,
+            advantages,
+            self.config.micro_batch_size,
+            self.pad_token_id,
+            self.config.temperature,
         )
         assert len(batches) <= self.micro_batches_per_rank, "at most the rank's share"
         calls = self.micro_batches_per_rank if self.world_size > 1 else max(1, len(batches))
         batches += [self.empty_batch()] * (calls - len(batches))
-        window = CallWindow(self.backend)
         with self.clock.busy("train"):
-            backwards = [
-                await window.submit(partial(self.backend.forward_backward, b)) for b in batches
-            ]
-            stepping = await window.submit(self.backend.optim_step)
-            results = [await f for f in backwards]
-            try:
-                stepped = await stepping
-            except NoWeightedTokensError:  # no rank had a token to learn from: no update
-                stepped = None
+            if self.reference is not None:
+                await self.add_reference_logprobs(batches)
+            results, stepped = await self.step_calls(batches)
         token_weights = [r["token_weight"] for r in results]
         metrics["loss"] = (
             sum(r["loss"] * w for r, w in zip(results, token_weights, strict=True))
@@ -309,6 +317,29 @@ class _RLRun:
         # RL batches carry sampling_logprobs, so forward_backward returned the trainer's own.
         metrics.update(self.mismatch(batches, results))
 
+    async def add_reference_logprobs(self, batches: list[dict[str, Any]]) -> None:
+        """`reference_logprobs` of each batch under the reference policy (at the sampling
+        temperature, like the trainer's), for a loss with a KL penalty."""
+        assert self.reference is not None, "only with a reference backend"
+        window = CallWindow(self.reference)
+        forwards = [await window.submit(partial(self.reference.forward, b)) for b in batches]
+        for batch, future in zip(batches, forwards, strict=True):
+            batch["reference_logprobs"] = (await future)["logprobs"]
+
+    async def step_calls(self, batches: list[dict[str, Any]]) -> tuple[list[dict], dict | None]:
+        """forward_backward on each batch and one optim_step, within the queue bound; the
+        step's result is None when no rank had a token to learn from (no update)."""
+        window = CallWindow(self.backend)
+        backwards = [
+            await window.submit(partial(self.backend.forward_backward, b)) for b in batches
+        ]
+        stepping = await window.submit(self.backend.optim_step)
+        results = [await future for future in backwards]
+        try:
+            return results, await stepping
+        except NoWeightedTokensError:
+            return results, None
+
     def empty_batch(self) -> dict[str, torch.Tensor]:
         """A one-row batch that carries no token weight: a rank's filler call."""
         shape = (1, 2)
@@ -319,6 +350,7 @@ class _RLRun:
             "loss_mask": torch.zeros(shape),
             "advantages": torch.zeros(shape),
             "sampling_logprobs": torch.zeros(shape),
+            "temperature": self.config.temperature,
         }
 
     def mismatch(
@@ -334,6 +366,9 @@ class _RLRun:
         )
         # Monte-Carlo: the mean of -log q over tokens drawn from q estimates q's entropy.
         stats["entropy"] = float(weighted_mean(-sampler, mask))
+        if self.reference is not None:  # how far the policy has moved from the reference
+            reference = torch.cat([b["reference_logprobs"].flatten() for b in batches])
+            stats["kl_reference"] = float(weighted_mean(kl_penalty_k3(trainer, reference), mask))
         return stats
 
     async def train_step(self, rollout: _Rollout) -> dict[str, Any]:
@@ -434,16 +469,25 @@ async def run_rl_training(
     config: RLTrainingConfig,
     logger: Any = None,
     tokenizer: Any = None,
+    reference: TrainingBackend | None = None,
 ) -> list[dict[str, Any]]:
     """Train `backend` on `task` with samples from `engine`; return the per-step metrics.
 
     `tokenizer` (default: `engine.tokenizer`) renders chat prompts. `logger` is anything with
-    `log(dict)`, such as `JSONLLogger`. Works under asyncio and trio.
+    `log(dict)`, such as `JSONLLogger`. `reference` is a backend holding the reference policy
+    (the starting weights, or a checkpoint of them): when given, every batch gets its
+    `reference_logprobs`, which a loss built with `kl_coef > 0` needs, and the metrics get
+    `kl_reference`. It only runs `forward`. Works under asyncio and trio.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("run_rl_training needs a tokenizer (pass one, or use an engine that has)")
-    run = _RLRun(backend, engine, task, config, logger, tokenizer)
+    if reference is not None and reference.data_parallel != backend.data_parallel:
+        raise ValueError(
+            f"the reference backend runs on ranks {reference.data_parallel}, the trained one on "
+            f"{backend.data_parallel}; build both the same way"
+        )
+    run = _RLRun(backend, engine, task, config, logger, tokenizer, reference)
     run.version_changed = anyio.Event()
     start_step = await run.resume() if config.resume else 0
     await run.push_weights(start_step)

@@ -11,6 +11,7 @@ refusal: nothing has been touched yet.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -56,6 +57,7 @@ def check_batch_layout(batch: Any, call: str) -> None:
             raise InvalidBatchError(
                 f"{call}: batch[{key!r}] must hold integers (int64), got dtype {value.dtype}"
             )
+    _check_temperature(batch.get("temperature"), call)
 
 
 def check_batch_values(
@@ -84,6 +86,18 @@ def check_batch_values(
 def on_cpu(batch: Mapping[str, Any]) -> bool:
     """True when every tensor of the batch is in host memory (value checks cost no sync)."""
     return all(v.device.type == "cpu" for v in batch.values() if isinstance(v, torch.Tensor))
+
+
+def _check_temperature(value: Any, call: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+        raise InvalidBatchError(
+            f"{call}: batch['temperature'] must be a number > 0 (the sampling temperature the "
+            f"logits are divided by), got {value!r}"
+        )
 
 
 def _tensor(batch: Mapping[str, Any], key: str, call: str) -> torch.Tensor:

@@ -6,6 +6,10 @@ The convention every loss here follows, and every backend relies on:
   ignored. An optional `batch["loss_mask"]` [B, T] holds per-token weights (0 = ignored).
 - The scalar returned is the weighted *mean* over the batch's tokens:
   sum(w * per_token_loss) / sum(w), with w = `token_weights(batch)`.
+- An optional `batch["temperature"]` (a positive float; an RL batch carries its sampling
+  temperature) means the policy is softmax(logits / T): the backend divides the logits by it
+  (`apply_temperature`) before calling the loss and before any log-prob it returns, so the
+  trainer's log-probs are those of the distribution the sampler drew from.
 
 Because `token_weights` is shared, a backend can turn the mean back into the weighted sum
 (mean * sum(w)) and normalise by the whole optimizer step's weight, which is what makes gradient
@@ -33,6 +37,7 @@ __all__ = [
     "RL_LOSSES",
     "Batch",
     "LossFn",
+    "apply_temperature",
     "cross_entropy_loss",
     "kl_penalty_k3",
     "label_logprobs",
@@ -47,6 +52,15 @@ __all__ = [
     "token_weights",
     "weighted_mean",
 ]
+
+
+def apply_temperature(logits: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """`logits / batch["temperature"]`, or the logits themselves without one (or at 1.0)."""
+    temperature = batch.get("temperature")
+    if temperature is None:
+        return logits
+    value = float(temperature)
+    return logits if value == 1.0 else logits / value
 
 
 def token_weights(batch: Batch) -> torch.Tensor:
@@ -125,7 +139,12 @@ _LOG_RATIO_MAX = 20.0
 def _require(batch: Batch, key: str, loss_name: str, like: torch.Tensor) -> torch.Tensor:
     value = batch.get(key)
     if value is None:
-        raise KeyError(f"the {loss_name} loss needs batch[{key!r}]; got keys {sorted(batch)}")
+        hint = (
+            " (run_rl_training(reference=...) computes them; a loss with kl_coef > 0 needs it)"
+            if key == "reference_logprobs"
+            else ""
+        )
+        raise KeyError(f"the {loss_name} loss needs batch[{key!r}]; got keys {sorted(batch)}{hint}")
     if value.shape != like.shape:
         raise ValueError(
             f"batch[{key!r}] has shape {tuple(value.shape)}, expected the labels' shape "
@@ -343,7 +362,8 @@ def rl_diagnostics(
     entropy (nats) of the trainer's full next-token distribution. Plain floats, no gradient."""
     labels = batch["labels"]
     weights_BT = token_weights(batch)
-    logprobs_BTV = torch.log_softmax(logits.detach().float(), dim=-1)
+    logits = apply_temperature(logits.detach(), batch)
+    logprobs_BTV = torch.log_softmax(logits.float(), dim=-1)
     logp_BT = logprobs_BTV.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     sampling_BT = _require(batch, "sampling_logprobs", "diagnostics", labels)
     stats = ratio_diagnostics(logp_BT, sampling_BT, weights_BT, clip_low, clip_high)

@@ -41,7 +41,13 @@ from rollouts.training.errors import (
     NoWeightedTokensError,
     PendingGradientsError,
 )
-from rollouts.training.losses import Batch, LossFn, label_logprobs, token_weights
+from rollouts.training.losses import (
+    Batch,
+    LossFn,
+    apply_temperature,
+    label_logprobs,
+    token_weights,
+)
 
 __all__ = ["QueuedBackend", "require_save_pretrained", "thread_setup"]
 
@@ -304,8 +310,10 @@ class QueuedBackend(ABC):
         return moved
 
     def _logits(self, batch: Batch) -> torch.Tensor:
+        """The model's logits, divided by the batch's sampling temperature when it has one."""
         with self._autocast():
-            return logits_of(self.model, batch)
+            logits = logits_of(self.model, batch)
+        return apply_temperature(logits, batch)
 
     def _autocast(self) -> AbstractContextManager[Any]:
         return nullcontext()

@@ -34,18 +34,27 @@ def run_once(
     tokenizer: object,
     task: AdditionTask,
     trainer_threads: int | None,
+    kl_coef: float = 0.0,
 ) -> dict[str, float]:
-    model = build_tiny_llama(len(tokenizer), max_position_embeddings=64)
-    backend = PyTorchTrainingBackend(
-        model,
-        create_adamw_optimizer(model, 1e-3),
-        make_rl_loss("importance_sampling"),
-        Path(tempfile.mkdtemp()),
-        "cpu",
-        num_threads=trainer_threads,
-    )
+    """One run from fresh weights; with `kl_coef > 0` the loss has a KL penalty and a second
+    backend holding the starting weights gives the reference log-probs."""
+
+    def backend_of(loss_fn: object) -> PyTorchTrainingBackend:
+        model = build_tiny_llama(len(tokenizer), max_position_embeddings=64)
+        optimizer = create_adamw_optimizer(model, 1e-3)
+        directory = Path(tempfile.mkdtemp())
+        return PyTorchTrainingBackend(
+            model, optimizer, loss_fn, directory, "cpu", num_threads=trainer_threads
+        )
+
+    backend = backend_of(make_rl_loss("importance_sampling", kl_coef=kl_coef))
+    reference = backend_of(make_rl_loss("importance_sampling")) if kl_coef > 0 else None
     with backend:
-        history = trio.run(run_rl_training, backend, engine, task, config, None, tokenizer)
+        history = trio.run(
+            run_rl_training, backend, engine, task, config, None, tokenizer, reference
+        )
+    if reference is not None:
+        reference.close()
     last = history[-1]
     return {key: last[key] for key in ("wall_time_s", "sample_busy_s", "train_busy_s")} | {
         "both_busy_s": last["overlap_frac"] * last["wall_time_s"]

@@ -1,23 +1,30 @@
 """The sampling loop behind `HFRolloutEngine`: batched, left-padded, over the model's KV cache.
 
-We run our own loop over `past_key_values` rather than `model.generate` so that the log-prob we
-record is computed from exactly the distribution we draw from (`processed_logprobs`), and so that
-the randomness is ours: each row (one sample of one prompt) draws its uniforms from its own
+We run our own loop over the model's KV cache rather than `model.generate` so that the log-prob
+we record is computed from exactly the distribution we draw from (`processed_logprobs`), and so
+that the randomness is ours: each row (one sample of one prompt) draws its uniforms from its own
 `torch.Generator`, seeded from the call's seed and the row's index, and picks its token by
 inverse CDF. A row's samples therefore do not depend on how rows are split into batches or on the
 other rows' draws (up to float rounding of the logits, which batch shape can change in the last
 bits).
+
+The cache is a transformers `DynamicCache` built from the model's config, as `model.generate`
+builds its default one (so sliding-window and hybrid models get their per-layer kinds), passed to
+every forward under the argument name the model's forward declares (`_cache_keyword`).
 
 Synchronous and thread-agnostic: the engine runs it on its worker thread or in its own process.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
+from transformers import Cache, DynamicCache
 
 from rollouts.inference.protocol import SamplingParams
 
@@ -78,19 +85,65 @@ def generate(
     assert batch_size_max >= 1, f"batch_size_max must be >= 1, got {batch_size_max}"
     assert len(row_seeds) == len(prompts), "one seed per row"
     generators = [torch.Generator().manual_seed(seed) for seed in row_seeds]
+    forward = _CachedForward(model)
     rows: list[GeneratedRow] = []
     for start in range(0, len(prompts), batch_size_max):
         chunk = prompts[start : start + batch_size_max]
         chunk_generators = generators[start : start + batch_size_max]
         rows.extend(
             _generate_chunk(
-                model, chunk, params, chunk_generators, decode, eos_token_ids, pad_token_id
+                forward, chunk, params, chunk_generators, decode, eos_token_ids, pad_token_id
             )
         )
     for row in rows:
         if row.finish_reason == "length":  # "stop" rows set their text when they stopped
             row.text = decode(row.token_ids)
     return rows
+
+
+def _cache_keyword(model: nn.Module) -> str:
+    """The forward argument that takes the KV cache: `cache`, or `past_key_values` where older.
+
+    transformers renamed the argument (and the output field) from `past_key_values` to `cache`
+    within 5.x; the old name warns and is to be removed in 5.40. The project allows 5.x releases
+    from before the rename, and remote-code models may keep the old name, so the name is read from
+    the forward's signature, in this one place. A forward that declares neither (a wrapper taking
+    `**kwargs`) gets the current name, which it passes through.
+    """
+    parameters = inspect.signature(model.forward).parameters
+    if "cache" not in parameters and "past_key_values" in parameters:
+        return "past_key_values"
+    return "cache"
+
+
+class _CachedForward:
+    """The model's forward over one KV cache, which it fills in place; `start` opens a new one."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.keyword = _cache_keyword(model)
+        config = getattr(model, "config", None)
+        # As `model.generate` does: with the (decoder's) config, the cache gives sliding-window
+        # layers a window-sized cache, and hybrid models their per-layer kinds.
+        self._config = None if config is None else config.get_text_config(decoder=True)
+        self._cache: Cache | None = None
+
+    def start(self) -> None:
+        self._cache = DynamicCache(config=self._config)
+
+    def __call__(self, **inputs: torch.Tensor) -> Any:
+        assert self._cache is not None, "start() opens a cache before the first forward"
+        output = self.model(**inputs, **{self.keyword: self._cache}, use_cache=True)
+        returned = getattr(output, self.keyword, None)
+        if returned is None:
+            # A forward that dropped the cache (taken by `**kwargs` and ignored) would decode each
+            # token without its context and sample garbage without an error.
+            raise TypeError(
+                f"{type(self.model).__name__}.forward returned no `{self.keyword}`: it does not "
+                f"take the KV cache as `{self.keyword}=`"
+            )
+        self._cache = returned
+        return output
 
 
 def _left_pad(
@@ -107,7 +160,7 @@ def _left_pad(
 
 
 def _generate_chunk(
-    model: nn.Module,
+    forward: _CachedForward,
     prompts: Sequence[Sequence[int]],
     params: SamplingParams,
     generators: list[torch.Generator],
@@ -115,16 +168,15 @@ def _generate_chunk(
     eos_token_ids: frozenset[int],
     pad_token_id: int,
 ) -> list[GeneratedRow]:
-    device = next(model.parameters()).device
+    device = next(forward.model.parameters()).device
     input_ids_NL, mask_NL = _left_pad(prompts, pad_token_id, device)
     # Left padding: positions count real tokens only, so a padded row sees the same positions as
     # it would alone.
     positions_NL = (mask_NL.cumsum(dim=-1) - 1).clamp(min=0)
     rows = [GeneratedRow() for _ in prompts]
     active = [True] * len(prompts)
-    output = model(
-        input_ids=input_ids_NL, attention_mask=mask_NL, position_ids=positions_NL, use_cache=True
-    )
+    forward.start()
+    output = forward(input_ids=input_ids_NL, attention_mask=mask_NL, position_ids=positions_NL)
     for step in range(params.max_tokens):
         logits_NV = output.logits[:, -1, :]
         if bool(torch.isnan(logits_NV).any()):
@@ -155,13 +207,7 @@ def _generate_chunk(
         ).unsqueeze(-1)
         mask_NL = torch.cat([mask_NL, torch.ones_like(mask_NL[:, :1])], dim=-1)
         positions_NL = positions_NL[:, -1:] + 1
-        output = model(
-            input_ids=next_N1,
-            attention_mask=mask_NL,
-            position_ids=positions_NL,
-            past_key_values=output.past_key_values,
-            use_cache=True,
-        )
+        output = forward(input_ids=next_N1, attention_mask=mask_NL, position_ids=positions_NL)
     return rows
 
 

@@ -13,6 +13,7 @@ from rollouts.training.backends.pytorch_factory import (
     create_warmup_cosine_scheduler,
     create_warmup_scheduler,
     load_hf_model,
+    load_hf_tokenizer,
     parse_dtype,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "find_latest_checkpoint",
     "list_checkpoints",
     "load_hf_model",
+    "load_hf_tokenizer",
     "parse_dtype",
     "shard_model",
 ]

@@ -33,7 +33,12 @@ from torch import nn
 from rollouts.core.futures import TrainFuture
 from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
-from rollouts.training.backends.checkpointing import checkpoint_path, list_checkpoints, step_of
+from rollouts.training.backends.checkpointing import (
+    atomic_directory,
+    checkpoint_path,
+    list_checkpoints,
+    step_of,
+)
 from rollouts.training.backends.protocol import NORMALIZATIONS, Checkpoint, DataParallel
 from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
 from rollouts.training.errors import (
@@ -49,7 +54,7 @@ from rollouts.training.losses import (
     token_weights,
 )
 
-__all__ = ["QueuedBackend", "require_save_pretrained", "thread_setup"]
+__all__ = ["QueuedBackend", "require_save_pretrained", "thread_setup", "write_hf_directory"]
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 GRADIENTS, WEIGHTS = "gradients", "weights"  # the states a failed call may leave suspect
@@ -79,6 +84,7 @@ class QueuedBackend(ABC):
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
         data_parallel: DataParallel | None = None,
         recovery_hints: dict[str, str] | None = None,
+        tokenizer: Any | None = None,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
@@ -86,6 +92,7 @@ class QueuedBackend(ABC):
             raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm}")
         self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
         self.scheduler = scheduler
+        self.tokenizer = tokenizer  # written by export_hf beside the weights, when given
         self.checkpoint_dir = Path(checkpoint_dir)
         self.max_grad_norm, self.normalization = max_grad_norm, normalization
         self._device = device
@@ -395,6 +402,20 @@ def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
             "or an object with a .logits tensor"
         )
     return logits
+
+
+def write_hf_directory(
+    path: Path, model: nn.Module, tokenizer: Any | None, **save_kwargs: Any
+) -> Path:
+    """A complete Hugging Face model directory at `path`, atomically: weights, config and
+    generation config (`save_pretrained`), and the tokenizer with its chat template when given,
+    so `AutoModelForCausalLM`, `AutoTokenizer` and a pipeline load it on their own."""
+    save_pretrained = require_save_pretrained(model)
+    with atomic_directory(path) as tmp_path:
+        save_pretrained(tmp_path, **save_kwargs)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp_path)
+    return path
 
 
 def require_save_pretrained(model: nn.Module) -> Callable[..., Any]:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,10 +66,13 @@ from torch.distributed.tensor import DTensor
 
 from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
-from rollouts.training.backends._queued import QueuedBackend, require_save_pretrained
+from rollouts.training.backends._queued import (
+    QueuedBackend,
+    require_save_pretrained,
+    write_hf_directory,
+)
 from rollouts.training.backends.checkpointing import (
     abort_directory,
-    atomic_directory,
     begin_directory,
     capture_rng_state,
     commit_directory,
@@ -171,6 +175,7 @@ class FSDPTrainingBackend(QueuedBackend):
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
         num_threads: int | None = None,
         close_timeout_s: float | None = None,
+        tokenizer: Any | None = None,
     ) -> None:
         if not isinstance(model, FSDPModule):
             raise ValueError(
@@ -194,6 +199,7 @@ class FSDPTrainingBackend(QueuedBackend):
             close_timeout_s=close_timeout_s or world.timeout_s + CLOSE_MARGIN_S,
             data_parallel=DataParallel(rank=world.rank, size=world.world_size),
             recovery_hints=RECOVERY_HINTS,
+            tokenizer=tokenizer,
         )
         self.world = world
         _sum_gradients_over_ranks(model)
@@ -359,15 +365,11 @@ class FSDPTrainingBackend(QueuedBackend):
         )
 
     def _export_hf(self, path: Path) -> Path:
-        save_pretrained = require_save_pretrained(self.model)
+        require_save_pretrained(self.model)  # before the gather: refuse a model without it
         full_state = self._get_weights()  # collective: every rank takes part
         self._worker.settle()  # from here a failure is agreed on by every rank
-
-        def write() -> None:
-            with atomic_directory(path) as tmp_path:
-                # transformers names the class without the "FSDP" prefix that fully_shard adds.
-                save_pretrained(tmp_path, state_dict=full_state)
-
+        # transformers names the class without the "FSDP" prefix that fully_shard adds.
+        write = partial(write_hf_directory, path, self.model, self.tokenizer, state_dict=full_state)
         self._agree("write the Hugging Face directory", write)
         return path
 

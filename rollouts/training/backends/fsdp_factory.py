@@ -33,6 +33,7 @@ from rollouts.training.backends.pytorch_factory import (
     compute_device_map_single_gpu,
     create_cross_entropy_loss,
     load_hf_model,
+    load_hf_tokenizer,
     parse_dtype,
     with_options_signature,
 )
@@ -84,9 +85,11 @@ def create_fsdp_backend(
     )
     optimizer, scheduler = opts.optimizer_and_scheduler(model)
     loss_fn = opts.loss_fn or create_cross_entropy_loss()
+    tokenizer = load_hf_tokenizer(model_name)  # export_hf writes it with the weights
     return FSDPTrainingBackend(
-        model, optimizer, loss_fn, checkpoint_dir, world, scheduler, **opts.backend_kwargs()
-    )
+        model, optimizer, loss_fn, checkpoint_dir, world, scheduler, **opts.backend_kwargs(),
+        tokenizer=tokenizer,
+    )  # fmt: skip
 
 
 @with_options_signature

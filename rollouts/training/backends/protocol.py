@@ -29,7 +29,8 @@ Results (plain Python values; tensors only where named):
     save_checkpoint  -> Path of the finished checkpoint directory
     load_checkpoint  -> {"step": int}
     get_weights      -> {name: Tensor}, a CPU copy of the model's state dict
-    export_hf        -> Path of a Hugging Face `save_pretrained` directory
+    export_hf        -> Path of a complete Hugging Face directory: weights, config, generation
+                        config, and the backend's tokenizer with its chat template when it has one
     sampler_weights  -> WeightUpdate: what this rank's rollout engine needs (see core.weights)
     discard_gradients -> {"discarded_calls": int}
 

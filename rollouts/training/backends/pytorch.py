@@ -22,7 +22,7 @@ from torch import nn
 
 from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAULT
-from rollouts.training.backends._queued import QueuedBackend, require_save_pretrained
+from rollouts.training.backends._queued import QueuedBackend, write_hf_directory
 from rollouts.training.backends.checkpointing import (
     atomic_directory,
     capture_rng_state,
@@ -44,7 +44,8 @@ class PyTorchTrainingBackend(QueuedBackend):
     Without it, the model computes in its own dtype. `num_threads` sets the worker thread's
     intra-op thread count (None: torch's default), e.g. 1 to leave a core to a rollout engine.
     `queue_depth_max` bounds the calls pending at once; `close_timeout_s` how long `close()` and
-    interpreter exit wait for them.
+    interpreter exit wait for them. `tokenizer`, when given, is written by `export_hf` beside the
+    weights (the factories pass the model directory's own).
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
         num_threads: int | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
+        tokenizer: Any | None = None,
     ) -> None:
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype={autocast_dtype}; must be None or {AUTOCAST_DTYPES}")
@@ -79,6 +81,7 @@ class PyTorchTrainingBackend(QueuedBackend):
             queue_depth_max=queue_depth_max,
             num_threads=num_threads,
             close_timeout_s=close_timeout_s,
+            tokenizer=tokenizer,
         )
         self.autocast_dtype = autocast_dtype
         use_scaler = autocast_dtype == torch.float16 and parsed_device.type == "cuda"
@@ -177,10 +180,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         return WeightUpdate(tensors=self._get_weights())
 
     def _export_hf(self, path: Path) -> Path:
-        save_pretrained = require_save_pretrained(self.model)
-        with atomic_directory(path) as tmp_path:
-            save_pretrained(tmp_path)
-        return path
+        return write_hf_directory(path, self.model, self.tokenizer)
 
 
 # -- pure pieces -----------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ __all__ = [
     "create_warmup_scheduler",
     "enable_activation_checkpointing",
     "load_hf_model",
+    "load_hf_tokenizer",
     "parse_dtype",
     "validate_schedule",
     "warmup_steps_for",
@@ -108,6 +109,20 @@ def load_hf_model(
             f"could not load model {str(model_name_or_path)!r}: not a local directory, and the hub "
             f"lookup failed ({error})"
         ) from error
+
+
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def load_hf_tokenizer(model_name_or_path: str | Path) -> Any | None:
+    """The tokenizer saved beside a local model (with its chat template), or None when the
+    directory holds none (a hub id is loaded when online)."""
+    from transformers import AutoTokenizer
+
+    source = Path(model_name_or_path)
+    if source.is_dir() and not any((source / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(str(model_name_or_path))
 
 
 def enable_activation_checkpointing(model: nn.Module) -> None:
@@ -369,8 +384,9 @@ def with_options_signature(factory: Callable[..., Any]) -> Callable[..., Any]:
 def create_pytorch_backend(
     model_name: str | Path, checkpoint_dir: str | Path, **options: Any
 ) -> PyTorchTrainingBackend:
-    """Load the model, build AdamW, the loss and (given `num_training_steps`) the warmup
-    schedule, and place it all on the device: a ready backend. Options: `BackendOptions`."""
+    """Load the model (and the tokenizer saved beside it, which `export_hf` writes back), build
+    AdamW, the loss and (given `num_training_steps`) the warmup schedule, and place it all on
+    the device: a ready backend. Options: `BackendOptions`."""
     opts = BackendOptions.from_kwargs("create_pytorch_backend", options)
     gpu_rank = opts.gpu_rank or 0
     device_map = compute_device_map_single_gpu(opts.device_type, gpu_rank)
@@ -381,6 +397,7 @@ def create_pytorch_backend(
     optimizer, scheduler = opts.optimizer_and_scheduler(model)
     loss_fn = opts.loss_fn or create_cross_entropy_loss()
     kwargs = opts.backend_kwargs() | {"autocast_dtype": opts.compute_dtype()}
+    kwargs["tokenizer"] = load_hf_tokenizer(model_name)  # export_hf writes it with the weights
     return PyTorchTrainingBackend(
         model, optimizer, loss_fn, checkpoint_dir, device, scheduler, **kwargs
     )

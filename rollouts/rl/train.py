@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 import random
@@ -47,7 +48,7 @@ from rollouts.tasks.episodes import run_episodes
 from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
 from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.errors import BackendFailedError, NoWeightedTokensError
+from rollouts.training.errors import BackendFailedError, CallRefusedError, NoWeightedTokensError
 from rollouts.training.loop import CallWindow
 from rollouts.training.losses import (
     IGNORE_INDEX,
@@ -67,6 +68,7 @@ RESUME_FIXED_FIELDS = (
 )  # fmt: skip
 STEP_SEED_STRIDE = 7_919  # seeds of (step, attempt) never collide for attempts < this
 RANK_SEED_STRIDE = 1_000_000_007  # each data-parallel rank samples with its own seeds
+_log = logging.getLogger("rollouts.rl")
 RL_STATE_FILE = "rl_state.json"  # beside the backend's files in each checkpoint directory
 
 
@@ -438,11 +440,16 @@ class _RLRun:
         checkpoints = self.backend.list_checkpoints()
         for checkpoint in reversed(checkpoints):
             state_path = checkpoint.path / RL_STATE_FILE
-            if state_path.is_file():
-                state = json.loads(state_path.read_text())
-                self.check_resumable(state["config"], state_path)
+            if not state_path.is_file():
+                continue
+            state = json.loads(state_path.read_text())
+            self.check_resumable(state["config"], state_path)
+            try:
                 await self.backend.load_checkpoint(checkpoint.path)
-                return int(state["step"])
+            except (CallRefusedError, FileNotFoundError) as error:  # nothing was loaded
+                _log.warning("skipping checkpoint %s: %s", checkpoint.path, error)
+                continue
+            return int(state["step"])
         where = checkpoints[-1].path.parent if checkpoints else "the backend's checkpoints"
         raise FileNotFoundError(f"resume=True but {where} holds no RL checkpoint")
 

@@ -54,6 +54,7 @@ from rollouts.data.sft import SFTDataset
 from rollouts.monitoring.device import device_metrics, mfu_estimator
 from rollouts.monitoring.logging import ProgressBar
 from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.errors import CallRefusedError
 from rollouts.training.loop import (
     StepResult,
     TrainStep,
@@ -462,24 +463,33 @@ class _SFTRun:
     # -- resume ------------------------------------------------------------------------------------
 
     async def _maybe_resume(self) -> Path | None:
-        latest = _latest_complete_checkpoint(self.backend)
+        candidates = _complete_checkpoints(self.backend)  # newest first
         if not self.config.resume:
-            if latest is not None:
+            if candidates:
                 raise ValueError(
-                    f"the backend already holds checkpoints of a run (latest {latest}); pass "
-                    "resume=True to continue it, or use an empty checkpoint directory"
+                    f"the backend already holds checkpoints of a run (latest {candidates[0]}); "
+                    "pass resume=True to continue it, or use an empty checkpoint directory"
                 )
             return None
-        if latest is None:
+        if not candidates:
             _log.info("resume=True but the backend holds no complete checkpoint; starting fresh")
             return None
-        saved = json.loads((latest / SFT_STATE_FILE).read_text())
-        self._check_compatible(saved, latest)
-        await self.backend.load_checkpoint(latest)
-        self.state = _state_from_json(saved)
-        if self.rank.is_main:
-            _log.info("resumed from %s at step %d", latest, self.state.step)
-        return latest
+        for path in candidates:
+            saved = json.loads((path / SFT_STATE_FILE).read_text())
+            self._check_compatible(saved, path)
+            try:
+                await self.backend.load_checkpoint(path)
+            except (CallRefusedError, FileNotFoundError) as error:  # nothing was loaded
+                _log.warning("skipping checkpoint %s: %s", path, error)
+                continue
+            self.state = _state_from_json(saved)
+            if self.rank.is_main:
+                _log.info("resumed from %s at step %d", path, self.state.step)
+            return path
+        raise ValueError(
+            f"resume=True but none of the {len(candidates)} checkpoint(s) could be loaded "
+            f"({', '.join(p.name for p in candidates)}; the log names each one's problem)"
+        )
 
     def _check_compatible(self, saved: dict[str, Any], path: Path) -> None:
         if saved.get("version") != _STATE_VERSION:
@@ -537,12 +547,14 @@ def _state_from_json(saved: dict[str, Any]) -> _RunState:
     )
 
 
-def _latest_complete_checkpoint(backend: TrainingBackend) -> Path | None:
-    """The newest checkpoint that has its loop state (older ones if the last save was cut)."""
-    for checkpoint in reversed(backend.list_checkpoints()):
-        if (checkpoint.path / SFT_STATE_FILE).is_file():
-            return checkpoint.path
-    return None
+def _complete_checkpoints(backend: TrainingBackend) -> list[Path]:
+    """Checkpoints that have their loop state, newest first (a save cut before the loop state
+    was written leaves one without it, which is skipped)."""
+    return [
+        checkpoint.path
+        for checkpoint in reversed(backend.list_checkpoints())
+        if (checkpoint.path / SFT_STATE_FILE).is_file()
+    ]
 
 
 def _write_state_atomically(path: Path, state: dict[str, Any]) -> None:

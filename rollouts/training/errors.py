@@ -8,6 +8,9 @@ it runs as usual):
                             (those calls are discarded: they contributed nothing)
     NonFiniteGradientError  optim_step whose gradient norm is NaN or inf: the update is not
                             applied and the step's gradients are discarded
+    CorruptCheckpointError  load_checkpoint of a checkpoint whose files fail their checksums
+    CheckpointFailedError   a sharded save, load or export that failed on some rank, agreed on
+                            by every rank
 
 Stream-stopping (the call may have left state half-changed): any other exception from inside
 backward, the optimizer step or a checkpoint load. It is raised with a note naming the suspect
@@ -24,6 +27,7 @@ __all__ = [
     "BackendQueueFullError",
     "CallRefusedError",
     "CheckpointFailedError",
+    "CorruptCheckpointError",
     "InvalidBatchError",
     "NoWeightedTokensError",
     "NonFiniteGradientError",
@@ -49,6 +53,11 @@ class NoWeightedTokensError(CallRefusedError, ValueError):
 
 class NonFiniteGradientError(CallRefusedError, FloatingPointError):
     """`optim_step` found a NaN or infinite gradient norm and did not update the weights."""
+
+
+class CorruptCheckpointError(CallRefusedError, ValueError):
+    """A checkpoint's files do not match their recorded checksums (or some are missing); it was
+    not loaded and the backend is as it was."""
 
 
 class CheckpointFailedError(CallRefusedError, RuntimeError):

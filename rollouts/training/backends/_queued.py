@@ -20,7 +20,6 @@ slice sum, added up by the sharded reduction). "sum" leaves the weighted sum unn
 from __future__ import annotations
 
 import math
-import shutil
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
@@ -36,6 +35,7 @@ from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAUL
 from rollouts.training.backends.checkpointing import (
     atomic_directory,
     checkpoint_path,
+    delete_directory,
     list_checkpoints,
     step_of,
 )
@@ -191,7 +191,7 @@ class QueuedBackend(ABC):
     def delete_checkpoint(self, step: int) -> None:
         found = self.find_checkpoint(step)
         if found is not None:
-            shutil.rmtree(found.path, ignore_errors=True)
+            delete_directory(found.path)
 
     # -- shared bodies, run on the worker thread ---------------------------------------------------
 

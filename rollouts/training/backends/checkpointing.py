@@ -5,11 +5,19 @@ under a hidden temporary name, flushed to disk, and renamed into place: a crash 
 `.tmp-*` directory (ignored, and removed by the next save) and never a half-written `step_*`.
 Re-saving an existing step moves the old directory aside first and deletes it only after the new
 one is in place; a crash between the two renames is repaired by the next save of that step (the old
-directory is put back, or dropped if the new one arrived).
+directory is put back, or dropped if the new one arrived). A deleted checkpoint is renamed away
+first (`.deleting-*`) and removed after, so a crash mid-delete never leaves a half-removed
+`step_*`; the next save clears it.
+
+Every file of a checkpoint is listed in `checksums.json` with its SHA-256, written last;
+`verify_checksums` recomputes them before a load, so a checkpoint damaged on disk (truncated, or
+bytes zeroed) is refused by name before any weight is touched.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 import re
@@ -23,20 +31,29 @@ from typing import Any
 import numpy as np
 import torch
 
+from rollouts.training.errors import CorruptCheckpointError
+
 __all__ = [
+    "CHECKSUM_FILE",
+    "CorruptCheckpointError",
     "abort_directory",
     "atomic_directory",
     "begin_directory",
     "capture_rng_state",
     "checkpoint_path",
     "commit_directory",
+    "delete_directory",
     "find_latest_checkpoint",
     "list_checkpoints",
     "restore_rng_state",
     "step_of",
+    "verify_checksums",
+    "write_checksums",
 ]
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+CHECKSUM_FILE = "checksums.json"
+_HASH_CHUNK_BYTES = 1 << 22
 
 
 def checkpoint_path(checkpoint_dir: str | Path, step: int) -> Path:
@@ -85,6 +102,8 @@ def begin_directory(final_path: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(f".tmp-{final_path.name}-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
+    for deleting in parent.glob(".deleting-*"):  # a crash mid-delete
+        shutil.rmtree(deleting, ignore_errors=True)
     for aside in parent.glob(f".old-{final_path.name}-*"):  # a crash between the two renames
         if final_path.exists():
             shutil.rmtree(aside, ignore_errors=True)
@@ -116,6 +135,52 @@ def commit_directory(tmp_path: Path, final_path: Path) -> None:
     _fsync_dir(parent)
     if aside_path is not None:
         shutil.rmtree(aside_path, ignore_errors=True)
+
+
+def delete_directory(path: Path) -> None:
+    """Remove a checkpoint so that no crash leaves half of it under its own name."""
+    if not path.exists():
+        return
+    doomed = path.parent / f".deleting-{path.name}-{uuid.uuid4().hex[:8]}"
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def write_checksums(root: Path) -> None:
+    """`checksums.json`: the SHA-256 of every file under `root` (relative paths)."""
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != CHECKSUM_FILE)
+    digests = {str(p.relative_to(root)): _sha256(p) for p in files}
+    (root / CHECKSUM_FILE).write_text(json.dumps(digests, indent=1, sort_keys=True))
+
+
+def verify_checksums(root: Path) -> None:
+    """Raise `CorruptCheckpointError` naming the first file that is missing or differs.
+
+    A checkpoint written before checksums existed (no `checksums.json`) passes unchecked."""
+    listing = root / CHECKSUM_FILE
+    if not listing.is_file():
+        return
+    try:
+        digests = json.loads(listing.read_text())
+    except ValueError as error:
+        raise CorruptCheckpointError(f"{listing} is not valid JSON ({error})") from None
+    for relative, digest in digests.items():
+        path = root / relative
+        if not path.is_file():
+            raise CorruptCheckpointError(f"checkpoint {root} is missing {relative}")
+        if _sha256(path) != digest:
+            raise CorruptCheckpointError(
+                f"checkpoint {root}: {relative} does not match its recorded SHA-256 (the file was "
+                "damaged or changed after the save); it was not loaded"
+            )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_tree(root: Path) -> None:

@@ -78,6 +78,8 @@ from rollouts.training.backends.checkpointing import (
     commit_directory,
     restore_rng_state,
     step_of,
+    verify_checksums,
+    write_checksums,
 )
 from rollouts.training.backends.protocol import DataParallel
 from rollouts.training.backends.pytorch_factory import enable_activation_checkpointing
@@ -257,6 +259,7 @@ class FSDPTrainingBackend(QueuedBackend):
                 raise
             self._worker.settle()
             self._agree_all("write the trainer state", self._write_rank_files, tmp_path, final_path)
+            self._agree("record the checksums", write_checksums, tmp_path)
             self._agree("rename the checkpoint into place", commit_directory, tmp_path, final_path)
         except BaseException:
             if self.world.is_main:
@@ -281,6 +284,7 @@ class FSDPTrainingBackend(QueuedBackend):
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         self._agree_all("find the checkpoint files", _check_checkpoint_files, path, self.world.rank)
+        self._agree("verify the checkpoint's checksums", verify_checksums, path)
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("backend") != "fsdp" or meta.get("world_size") != self.world.world_size:
             raise ValueError(

@@ -28,6 +28,8 @@ from rollouts.training.backends.checkpointing import (
     capture_rng_state,
     restore_rng_state,
     step_of,
+    verify_checksums,
+    write_checksums,
 )
 from rollouts.training.losses import LossFn
 
@@ -133,6 +135,7 @@ class PyTorchTrainingBackend(QueuedBackend):
                 "backend": "pytorch",
             }
             (tmp_path / "meta.json").write_text(json.dumps(meta, indent=2))
+            write_checksums(tmp_path)
 
     def _trainer_state(self) -> dict[str, Any]:
         return {
@@ -148,6 +151,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         for required in (model_file, state_file):
             if not required.is_file():
                 raise FileNotFoundError(f"not a checkpoint directory: {path} (missing {required})")
+        verify_checksums(path)  # a damaged file is refused here, before any weight changes
         # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
         # On CPU: the RNG states must stay CPU tensors; the optimizer moves its own state to the
         # parameters' device in load_state_dict.

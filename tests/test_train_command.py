@@ -66,3 +66,77 @@ def test_a_bad_override_names_the_field(tmp_path: Path) -> None:
     done = run_train("--rl.loss", "reinforce", "--output_dir", str(tmp_path / "bad"))
     assert done.returncode != 0
     assert "rl.loss='reinforce'; must be one of" in done.stderr
+
+
+def _train_module():
+    """train.py imported as a module, for its run-directory guards (no subprocess needed)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_train_script", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(train: object, out: Path, *args: str):
+    return train.load_config(str(CONFIG_01), ["--output_dir", str(out), *args])
+
+
+def test_a_rerun_refuses_and_names_resume_and_overwrite(tmp_path: Path) -> None:
+    train = _train_module()
+    out = tmp_path / "run"
+    (out / "checkpoints" / "step_00000010").mkdir(parents=True)  # an earlier run's work
+    (out / "metrics.jsonl").write_text("{}\n")
+    try:
+        train.prepare_output_dir(_config(train, out))
+    except FileExistsError as error:
+        assert "--sft.resume" in str(error) and "--overwrite" in str(error)
+    else:
+        raise AssertionError("a rerun without --sft.resume or --overwrite must refuse")
+    assert (out / "checkpoints" / "step_00000010").is_dir(), "nothing was deleted"
+
+
+def test_a_second_run_on_the_same_directory_is_refused(tmp_path: Path) -> None:
+    import fcntl
+
+    train = _train_module()
+    out = tmp_path / "busy"
+    out.mkdir()
+    with open(out / train.LOCK_FILE, "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # a run that is still going
+        held.write("pid 4242")
+        held.flush()
+        try:
+            train.prepare_output_dir(_config(train, out, "--overwrite"))
+        except RuntimeError as error:
+            assert "in use by a run that is still going (pid 4242)" in str(error)
+        else:
+            raise AssertionError("a second run on a locked directory must refuse")
+
+
+def test_a_fresh_rl_stage_refuses_a_directory_holding_another_rl_run(tmp_path: Path) -> None:
+    train = _train_module()
+    out = tmp_path / "run"
+    (out / "rl" / "checkpoints" / "step_00000004").mkdir(parents=True)
+    try:
+        train.refuse_an_earlier_rl_run(_config(train, out), out)
+    except FileExistsError as error:
+        assert "--rl.training.resume" in str(error)
+    else:
+        raise AssertionError("a fresh RL stage must not write into another RL run")
+    resuming = _config(train, out, "--rl.training.resume")
+    train.refuse_an_earlier_rl_run(resuming, out)  # continuing that run is fine
+
+
+def test_a_bad_dtype_or_device_is_refused_before_any_work(tmp_path: Path, capsys) -> None:
+    train = _train_module()
+    for flag, value, field in [
+        ("--model.dtype", "float64", "model.dtype='float64'"),
+        ("--target.device_type", "gpu", "target.device_type='gpu'"),
+    ]:
+        try:
+            _config(train, tmp_path / "x", flag, value)
+        except (ValueError, SystemExit) as error:
+            assert field in str(error) + capsys.readouterr().err
+        else:
+            raise AssertionError(f"{flag} {value} must be refused")

@@ -17,8 +17,10 @@ directory) and `metrics.png`; with `rl.enabled`, the RL stage writes the same un
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import importlib.util
 import logging
+import os
 import shutil
 import sys
 import time
@@ -39,6 +41,7 @@ from rollouts.training import TrainingBackend
 from rollouts.training.backends import (
     create_fsdp_backend,
     create_pytorch_backend,
+    list_checkpoints,
     load_hf_model,
     parse_dtype,
 )
@@ -161,8 +164,44 @@ async def task_accuracy(config: TrainConfig, engine: Any, tokenizer: Any) -> flo
     return scores["accuracy"]
 
 
+LOCK_FILE = ".run.lock"
+_held_locks: list[Any] = []  # open lock files: the lock lasts as long as this process
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """Refuse a second run on the same directory while this one lives (an flock: a crashed run
+    leaves no stale lock behind)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(
+            f"{output_dir} is in use by a run that is still going ({holder}); wait for it to "
+            "finish, or pass another --output_dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def refuse_an_earlier_rl_run(config: TrainConfig, output_dir: Path) -> None:
+    """A fresh RL stage must not write into (or later resume) another RL run's directory."""
+    rl_checkpoints = output_dir / "rl" / "checkpoints"
+    if config.rl.enabled and not config.rl.training.resume and list_checkpoints(rl_checkpoints):
+        raise FileExistsError(
+            f"{rl_checkpoints.parent} holds an earlier RL run; pass --rl.training.resume to "
+            "continue it, --overwrite to start the whole run afresh, or another --output_dir"
+        )
+
+
 def prepare_output_dir(config: TrainConfig) -> Path:
     output_dir = Path(config.output_dir)
+    lock_output_dir(output_dir)  # before anything below may delete an earlier run's files
     previous = [output_dir / name for name in ("checkpoints", "metrics.jsonl")]
     if not config.sft.resume and any(p.exists() for p in previous):
         if not config.overwrite:
@@ -201,6 +240,7 @@ async def run(config: TrainConfig, world: World | None) -> None:
     start_s = time.perf_counter()
     is_main = world is None or world.is_main
     output_dir = prepare_output_dir(config) if is_main else Path(config.output_dir)
+    refuse_an_earlier_rl_run(config, output_dir)  # before the SFT stage spends any time
     _barrier(world)
     tokenizer = build_tokenizer(config)
     train, val = load_data(config, tokenizer, is_main)

@@ -23,6 +23,8 @@ __all__ = [
 ]
 
 BACKENDS = ("pytorch", "fsdp")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
 ENGINE_MODES = ("process", "thread")
 TASKS = ("", "addition")
 
@@ -43,6 +45,8 @@ class ModelConfig:
     init_seed: int = 0  # seeds the tiny model's random initialisation
 
     def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}; must be one of {DTYPES}")
         sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for name in (*sizes, "num_key_value_heads", "max_position_embeddings"):
             if getattr(self, name) < 1:
@@ -86,6 +90,14 @@ class TargetConfig:
     mixed_precision: str = ""  # compute dtype, e.g. "bfloat16"; "" = model.dtype
 
     def __post_init__(self) -> None:
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(
+                f"target.device_type={self.device_type!r}; must be one of {DEVICE_TYPES}"
+            )
+        if self.mixed_precision not in ("", *DTYPES):
+            raise ValueError(
+                f"target.mixed_precision={self.mixed_precision!r}; must be '' or one of {DTYPES}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"target.backend={self.backend!r}; must be one of {BACKENDS}")
         if not self.gpu_ranks or any(rank < 0 for rank in self.gpu_ranks):

@@ -75,6 +75,12 @@ _STATE_VERSION = 1
 _DECAY_STYLES = ("cosine", "linear", "constant")
 # Fields that fix the data stream: a resumed run must match the checkpoint on each of them.
 _STREAM_FIELDS = ("seed", "micro_batch_size", "grad_accum_steps", "shuffle", "packing")
+_OPTIMIZER_FIELDS = (
+    "learning_rate", "adam_betas", "weight_decay", "warmup_ratio", "decay_style",
+    "min_lr_ratio", "max_grad_norm",
+)  # fmt: skip
+# Restored by the backend's load (optimizer param groups, the scheduler's base rates).
+_KEPT_FROM_CHECKPOINT = ("learning_rate", "adam_betas", "weight_decay")
 
 _log = logging.getLogger("rollouts.sft")
 
@@ -500,11 +506,27 @@ class _SFTRun:
                     f"cannot resume from {path}: config.{name} was {saved['config'][name]!r} "
                     f"there and is {getattr(self.config, name)!r} now; the data stream would differ"
                 )
+        self._say_what_resume_keeps(saved["config"], path)
         if saved["num_train_examples"] != len(self.data):
             raise ValueError(
                 f"cannot resume from {path}: it was trained on {saved['num_train_examples']} "
                 f"examples, this run has {len(self.data)}"
             )
+
+    def _say_what_resume_keeps(self, saved: dict[str, Any], path: Path) -> None:
+        """Optimizer settings changed since the checkpoint: say which value the run goes on with.
+
+        The optimizer's own state (learning rate, betas, weight decay per group) and the
+        scheduler's base rates come from the checkpoint; the schedule's shape and clipping are
+        those the backend was built with now."""
+        now = json.loads(json.dumps(dataclasses.asdict(self.config)))  # tuples as in the file
+        for name in _OPTIMIZER_FIELDS:
+            if saved.get(name) != now[name]:
+                kept = "the checkpoint's" if name in _KEPT_FROM_CHECKPOINT else "the new"
+                _log.warning(
+                    "resume from %s: config.%s is %r now and was %r there; %s value is used",
+                    path, name, now[name], saved.get(name), kept,
+                )  # fmt: skip
 
     def _state_json(self) -> dict[str, Any]:
         state = self.state

@@ -10,6 +10,7 @@ the template's rendering of the new user message.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -120,6 +121,21 @@ async def run_episodes(
     return [episode.to_trajectory() for episode in episodes]
 
 
+def _checked_reward(reward: Any, source: Any, text: str) -> float:
+    """A finite float, or a ValueError naming the task (or env), the value and the answer."""
+    if isinstance(reward, bool) or not isinstance(reward, int | float):
+        raise ValueError(
+            f"{type(source).__name__} returned reward {reward!r} ({type(reward).__name__}) "
+            f"for the answer {text!r}; a reward must be a finite number"
+        )
+    if not math.isfinite(reward):
+        raise ValueError(
+            f"{type(source).__name__} returned reward {reward} for the answer {text!r}; a "
+            "reward must be a finite number"
+        )
+    return float(reward)
+
+
 async def _advance(
     episode: _Episode, completion: Completion, tokenizer: Any, is_last_turn: bool
 ) -> None:
@@ -131,7 +147,8 @@ async def _advance(
     episode.finish_reasons.append(completion.finish_reason)
     episode.final_text = completion.text
     result = await maybe_await(episode.env.step(completion.text))
-    episode.reward += float(result.reward)
+    source = getattr(episode.env, "task", episode.env)  # name the user's task, not the wrapper
+    episode.reward += _checked_reward(result.reward, source, completion.text)
     if result.done or is_last_turn:
         episode.done = True
         return

@@ -81,7 +81,9 @@ class SingleTurnEnv:
         return self.prompt.messages
 
     async def step(self, assistant_text: str) -> StepResult:
-        reward = float(await maybe_await(self.task.reward(self.prompt, assistant_text)))
+        # Passed on as the task returned it: the episode runner checks it is a finite number
+        # and names the task if not (float() would turn True into 1.0 and "1" into 1.0).
+        reward = await maybe_await(self.task.reward(self.prompt, assistant_text))
         return StepResult(observation=None, reward=reward, done=True)
 
 

@@ -46,5 +46,4 @@ config = TrainConfig(
     ),
     target=TargetConfig(device_type="cpu", backend="pytorch"),
     output_dir="runs/00_tiny_sft_cpu",
-    overwrite=True,
 )

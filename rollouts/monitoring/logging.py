@@ -172,24 +172,45 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-class ProgressBar:
-    """A tqdm bar over optimizer steps; silent when stderr is not a terminal or when disabled."""
+LINES_PER_RUN = 20  # without a terminal: about this many progress lines per run
 
-    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps in a terminal; without one (a log file, CI, a batch job),
+    a line on `log` every `line_every_steps` steps (default: about 20 per run) and at the end.
+    Silent when disabled."""
+
+    def __init__(
+        self,
+        total: int,
+        initial: int = 0,
+        enabled: bool = True,
+        *,
+        log: Any = None,
+        line_every_steps: int | None = None,
+        name: str = "step",
+    ) -> None:
         from tqdm.auto import tqdm
 
+        in_terminal = sys.stderr.isatty()
         self._bar = tqdm(
             total=total,
             initial=initial,
             unit="step",
             dynamic_ncols=True,
-            disable=not (enabled and sys.stderr.isatty()),
+            disable=not (enabled and in_terminal),
         )
+        self._log = log if enabled and not in_terminal else None
+        self._every = line_every_steps or max(1, total // LINES_PER_RUN)
+        self._total, self._name = total, name
 
     def update(self, step: int, postfix: dict[str, float]) -> None:
         self._bar.n = step
         self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
         self._bar.refresh()
+        if self._log is not None and (step % self._every == 0 or step == self._total):
+            figures = ", ".join(f"{k} {v:.4g}" for k, v in postfix.items())
+            self._log.info("%s %d/%d: %s", self._name, step, self._total, figures)
 
     def close(self) -> None:
         self._bar.close()

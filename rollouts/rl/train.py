@@ -37,6 +37,7 @@ import torch
 
 from rollouts.inference import RolloutEngine, SamplingParams
 from rollouts.monitoring.clock import ActivityClock
+from rollouts.monitoring.logging import ProgressBar
 from rollouts.rl.batching import (
     Group,
     build_micro_batches,
@@ -97,6 +98,7 @@ class RLTrainingConfig:
     checkpoint_every_steps: int = 0  # 0: only the final checkpoint
     resume: bool = False  # continue from the latest checkpoint that has RL state
     seed: int = 0  # prompt order and sampling seeds
+    progress_bar: bool = True  # a bar in a terminal; without one, a line every few steps
     ratio_clip_low: float = 0.8  # clip-fraction bounds of the importance ratio (diagnostic)
     ratio_clip_high: float = 1.2
 
@@ -184,6 +186,7 @@ class _RLRun:
         self.epoch_orders: dict[int, list[int]] = {}
         self.pushed_version = -1
         self.version_changed: anyio.Event | None = None
+        self.progress: ProgressBar | None = None
         self.push_futures: list[Any] = []
         self.history: list[dict[str, Any]] = []
 
@@ -467,6 +470,12 @@ class _RLRun:
         self.history.append(metrics)
         if self.logger is not None and self.rank == 0:
             self.logger.log(metrics)
+        if self.progress is not None and metrics.get("step", 0) > 0:
+            shown = {"reward": metrics.get("reward_mean", math.nan)}
+            if "eval_accuracy" in metrics:
+                shown["eval_accuracy"] = metrics["eval_accuracy"]
+            shown["step_s"] = metrics.get("train_time_s", math.nan)
+            self.progress.update(metrics["step"], shown)
 
 
 async def run_rl_training(
@@ -497,6 +506,8 @@ async def run_rl_training(
     run = _RLRun(backend, engine, task, config, logger, tokenizer, reference)
     run.version_changed = anyio.Event()
     start_step = await run.resume() if config.resume else 0
+    show = config.progress_bar and run.rank == 0
+    run.progress = ProgressBar(config.num_steps, start_step, show, log=_log, name="RL step")
     await run.push_weights(start_step)
     if config.eval_every_steps > 0 and start_step == 0:
         run.log({"step": 0, "phase": "rl", **await run.evaluate()})
@@ -511,6 +522,8 @@ async def run_rl_training(
         # A call skipped because an earlier one failed (a weight push to an engine that died,
         # say): raise the failure itself, the one that names what went wrong.
         raise _root_cause(error) from None
+    finally:
+        run.progress.close()
     return run.history
 
 

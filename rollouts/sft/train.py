@@ -314,7 +314,7 @@ class _SFTRun:
         self.stream = stream = _StepStream(self.data, self.config, self.state.cursor, self.rank)
         stop_reason = "completed"
         show_bar = self.config.progress_bar and self.rank.is_main
-        self.progress = ProgressBar(self.total_steps, self.state.step, show_bar)
+        self.progress = ProgressBar(self.total_steps, self.state.step, show_bar, log=_log)
         try:
             while self.state.step < self.total_steps:
                 num_steps = self._steps_to_next_boundary()
@@ -460,7 +460,10 @@ class _SFTRun:
             if self.mfu is not None:
                 record["mfu"] = self.mfu(record["tokens_per_s"])
             self._log(record)
-        self.progress.update(step, {"loss": result.loss, "lr": result.lr})
+        self.progress.update(
+            step,
+            {"loss": result.loss, "lr": result.lr, "tokens/s": result.metrics()["tokens_per_s"]},
+        )
 
     def _log(self, record: dict[str, Any]) -> None:
         if self.logger is not None and self.rank.is_main:  # results are global on every rank

@@ -105,6 +105,8 @@ def load_hf_model(
             str(model_name_or_path), dtype=torch_dtype, device_map=device_map
         )
     except OSError as error:
+        if is_local:
+            raise OSError(f"could not load the model in {str(source)!r}: {error}") from error
         raise OSError(
             f"could not load model {str(model_name_or_path)!r}: not a local directory, and the hub "
             f"lookup failed ({error})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,15 +124,39 @@ def test_bad_line_names_file_and_line(tokenizer, tmp_path: Path, bad_line: str, 
         load_sft_dataset(path, tokenizer, 64)
 
 
-def test_example_with_no_assistant_token(tmp_path: Path) -> None:
-    # A template without {% generation %} marks no token as the assistant's.
-    plain = build_char_tokenizer()
-    plain.chat_template = plain.chat_template.replace("{% generation %}", "").replace(
+def untagged(tokenizer: Any) -> Any:
+    """The same tokenizer with the {% generation %} tags taken out of its template."""
+    tokenizer.chat_template = tokenizer.chat_template.replace("{% generation %}", "").replace(
         "{% endgeneration %}", ""
     )
-    path = write_jsonl(tmp_path / "d.jsonl", [chat_line("1+1", "2")])
-    with pytest.raises(SFTDataError, match=r"d\.jsonl line 1: no assistant token"):
-        load_sft_dataset(path, plain, 64)
+    return tokenizer
+
+
+def test_template_without_generation_tags_gets_the_same_mask(tokenizer) -> None:
+    # Rendering turn by turn finds the tokens the tags mark: the reply and its <eos>.
+    tagged = tokenize_records([{"messages": MULTI_TURN}], tokenizer, 128)
+    plain = tokenize_records([{"messages": MULTI_TURN}], untagged(build_char_tokenizer()), 128)
+    forced = tokenize_records([{"messages": MULTI_TURN}], tokenizer, 128, mask_mode="incremental")
+    assert plain.examples[0] == tagged.examples[0] == forced.examples[0]
+
+
+def test_mask_mode_is_checked(tokenizer) -> None:
+    plain = untagged(build_char_tokenizer())
+    with pytest.raises(ValueError, match=r"mask_mode='generation_tags' but the chat template has"):
+        tokenize_records([chat_line("1+1", "2")], plain, 64, mask_mode="generation_tags")
+    with pytest.raises(ValueError, match=r"mask_mode='tags'; must be one of \('auto'"):
+        tokenize_records([chat_line("1+1", "2")], tokenizer, 64, mask_mode="tags")
+
+
+def test_example_with_no_assistant_token(tmp_path: Path) -> None:
+    # Tags around the reply alone (no <eos>) mark nothing when the reply is empty.
+    bare = build_char_tokenizer()
+    bare.chat_template = bare.chat_template.replace(
+        "{{ eos_token }}{% endgeneration %}", "{% endgeneration %}"
+    )
+    path = write_jsonl(tmp_path / "d.jsonl", [chat_line("1+1", "2"), chat_line("1+1", "")])
+    with pytest.raises(SFTDataError, match=r"d\.jsonl line 2: no assistant token"):
+        load_sft_dataset(path, bare, 64)
 
 
 def test_empty_inputs(tokenizer, tmp_path: Path) -> None:

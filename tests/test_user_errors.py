@@ -56,3 +56,14 @@ async def test_a_resume_with_a_changed_learning_rate_says_which_value_is_used(
         )
     assert "config.learning_rate is 0.0005 now and was 0.0001 there" in caplog.text
     assert "the checkpoint's value is used" in caplog.text
+
+
+def test_a_missing_relative_data_file_is_named_without_a_hub_lookup(tmp_path: Path) -> None:
+    import time
+
+    from rollouts.data import SFTDataError, load_sft_dataset
+
+    start_s = time.perf_counter()
+    with pytest.raises(SFTDataError, match=r"nope\.jsonl: no such data file"):
+        load_sft_dataset("nope.jsonl", build_char_tokenizer(), 32)
+    assert time.perf_counter() - start_s < 5, "no hub lookup was tried"

@@ -120,7 +120,8 @@ class RLStageConfig:
     test_examples: int = 300  # held-out questions compared, at most
     engine_mode: str = "process"  # rollout engine in a child process, or a thread of this one
     engine_threads: int = 1  # the engine's intra-op threads
-    trainer_threads: int = 0  # the trainer worker's intra-op threads; 0: torch's default
+    trainer_threads: int = 0  # the trainer worker's intra-op threads; 0: the cores the engine
+    # leaves (cores - engine_threads, at least 1), so the two never oversubscribe the machine
     training: RLTrainingConfig = field(default_factory=RLTrainingConfig)
 
     def __post_init__(self) -> None:

@@ -229,9 +229,14 @@ class SerialWorker:
         except BaseException as error:
             suspect, self._running = self._touched, None
             if suspect is None:
+                still = self._failure
+                after = (
+                    f"the stream is still stopped: {self._describe(still)}"
+                    if still is not None
+                    else "the calls after it run as usual"
+                )
                 error.add_note(
-                    f"{self.name}: {item.label} was refused before it changed any state; "
-                    "the calls after it run as usual"
+                    f"{self.name}: {item.label} was refused before it changed any state; {after}"
                 )
             else:
                 with self._lock:

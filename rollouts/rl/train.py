@@ -454,7 +454,10 @@ class _RLRun:
                 continue
             return int(state["step"])
         where = checkpoints[-1].path.parent if checkpoints else "the backend's checkpoints"
-        raise FileNotFoundError(f"resume=True but {where} holds no RL checkpoint")
+        raise FileNotFoundError(
+            f"resume=True but {where} holds no RL checkpoint that loads (any skipped one is "
+            "named in a warning above)"
+        )
 
     def check_resumable(self, saved: dict[str, Any], state_path: Path) -> None:
         """The fields that decide samples and updates must be those of the saved run."""

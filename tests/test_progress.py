@@ -36,3 +36,45 @@ async def test_sft_logs_the_training_loss_without_a_terminal(
     with make_backend(model_dir, tmp_path / "ckpt") as backend, caplog.at_level(logging.INFO):
         await run_sft_training(backend, addition_data("train", 32), config)
     assert any(r.getMessage().startswith("step 4/4: loss ") for r in caplog.records)
+
+
+def _write_run(directory: Path, scale: float) -> None:
+    from rollouts.monitoring import JSONLLogger
+
+    logger = JSONLLogger(directory / "metrics.jsonl")
+    for step in range(1, 9):
+        tokens_per_s = 1e6 if step == 1 else 1000.0 * scale  # a start-up spike on step 1
+        logger.log(
+            {"kind": "train", "step": step, "loss": scale / step, "tokens_per_s": tokens_per_s}
+        )
+    logger.close()
+
+
+def test_plots_name_the_runs_label_the_axes_overlay_runs_and_skip_warm_up(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rollouts.cli import main as cli_main
+    from rollouts.monitoring.logging import _draw_panel, _series, read_metrics
+
+    _write_run(tmp_path / "run_a", 1.0)
+    _write_run(tmp_path / "run_b", 2.0)
+    per_run = {
+        name: _series(read_metrics(tmp_path / name), {"throughput (tokens/s)": ("tokens_per_s",)})
+        for name in ("run_a", "run_b")
+    }
+    figure, axis = plt.subplots()
+    _draw_panel(
+        axis, "throughput (tokens/s)", {n: s["throughput (tokens/s)"] for n, s in per_run.items()}
+    )
+    assert axis.get_xlabel() == "step" and axis.get_ylabel() == "tokens/s"
+    labels = [line.get_label() for line in axis.get_lines()]
+    assert labels == ["run_a: tokens_per_s", "run_b: tokens_per_s"]
+    assert all(
+        min(line.get_xdata()) == 3 and max(line.get_ydata()) < 1e5 for line in axis.get_lines()
+    )
+    plt.close(figure)
+    assert cli_main(["plot", str(tmp_path / "run_a"), str(tmp_path / "run_b")]) == 0
+    assert (tmp_path / "run_a" / "compare.png").stat().st_size > 10_000

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
+    "PANEL_Y_LABELS",
     "PLOT_PANELS",
     "JSONLLogger",
     "MetricsLogger",
@@ -247,48 +248,99 @@ def _count_lines(path: Path) -> int:
         return sum(1 for _ in handle)
 
 
+# The y-axis label of each panel (the x-axis is the optimizer step).
+PANEL_Y_LABELS: dict[str, str] = {
+    "loss": "loss (nats per token)",
+    "perplexity": "perplexity",
+    "learning rate": "learning rate",
+    "gradient norm": "global norm, before clipping",
+    "throughput (tokens/s)": "tokens/s",
+    "accuracy": "fraction correct",
+    "reward": "reward",
+    "groups": "fraction of groups",
+    "staleness (versions)": "versions behind",
+    "sampler/trainer KL": "nats",
+    "entropy": "nats",
+    "clip fraction": "fraction of tokens",
+    "time per step (s)": "seconds",
+    "sampling and training at once": "fraction of wall time",
+    "memory (MB)": "MB",
+}
+THROUGHPUT_WARMUP_STEPS = 2  # a run's first steps include start-up work: left out of throughput
+
+
 def plot_metrics(
-    run_dir_or_jsonl: str | Path,
+    run_dir_or_jsonl: str | Path | Sequence[str | Path],
     out_png: str | Path | None = None,
     panels: dict[str, Sequence[str]] | None = None,
 ) -> Path:
-    """Draw every known numeric key present in the metrics file against `step`; return the PNG.
+    """Draw every known numeric key of one run (or of several, overlaid) against the step;
+    return the PNG.
 
-    `out_png` defaults to `metrics.png` beside the metrics file; `panels` replaces `PLOT_PANELS`.
+    Each panel has axis labels; the figure is titled with the run names (their directory names).
+    Throughput leaves out each run's first `THROUGHPUT_WARMUP_STEPS` steps, so one start-up
+    spike does not flatten the panel. `out_png` defaults to `metrics.png` beside the (first)
+    metrics file, or `compare.png` there for several runs; `panels` replaces `PLOT_PANELS`.
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir_or_jsonl)
-    source = Path(run_dir_or_jsonl)
-    out = (
-        Path(out_png) if out_png else (source if source.is_dir() else source.parent) / "metrics.png"
-    )
-    series = _series(records, panels or PLOT_PANELS)
-    if not series:
-        raise ValueError(f"{run_dir_or_jsonl}: no plottable metric (keys {_keys(records)})")
-    columns = 2 if len(series) > 1 else 1
-    rows = math.ceil(len(series) / columns)
+    sources = [Path(run_dir_or_jsonl)] if isinstance(run_dir_or_jsonl, str | Path) else [
+        Path(source) for source in run_dir_or_jsonl
+    ]  # fmt: skip
+    if not sources:
+        raise ValueError("plot_metrics needs at least one run directory or metrics file")
+    runs = {_run_name(source): read_metrics(source) for source in sources}
+    series = {name: _series(records, panels or PLOT_PANELS) for name, records in runs.items()}
+    titles = list(dict.fromkeys(t for per_run in series.values() for t in per_run))
+    if not titles:
+        keys = sorted({k for records in runs.values() for k in _keys(records)})
+        raise ValueError(f"{', '.join(map(str, sources))}: no plottable metric (keys {keys})")
+    columns = 2 if len(titles) > 1 else 1
+    rows = math.ceil(len(titles) / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3 * rows), squeeze=False)
-    for axis, (title, curves) in zip(axes.flat, series.items(), strict=False):
-        for key, (steps, values) in curves.items():
-            marker = "o" if len(steps) < 30 else None
-            axis.plot(steps, values, label=key, marker=marker, markersize=3)
-        axis.set_title(title)
-        axis.set_xlabel("step")
-        if title in ("loss", "perplexity", "gradient norm") and _all_positive(curves):
-            axis.set_yscale("log")
-        axis.legend(fontsize=8)
-        axis.grid(alpha=0.3)
-    for axis in list(axes.flat)[len(series) :]:
+    for axis, title in zip(axes.flat, titles, strict=False):
+        _draw_panel(axis, title, {name: per_run.get(title, {}) for name, per_run in series.items()})
+    for axis in list(axes.flat)[len(titles) :]:
         axis.set_visible(False)
+    figure.suptitle(" vs ".join(runs))
     figure.tight_layout()
+    default_name = "metrics.png" if len(sources) == 1 else "compare.png"
+    first = sources[0]
+    out = Path(out_png) if out_png else (first if first.is_dir() else first.parent) / default_name
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=100)
     plt.close(figure)
     return out
+
+
+def _run_name(source: Path) -> str:
+    directory = source if source.is_dir() else source.parent
+    return directory.resolve().name
+
+
+def _draw_panel(
+    axis: Any, title: str, curves_by_run: dict[str, dict[str, tuple[list[float], list[float]]]]
+) -> None:
+    several = len(curves_by_run) > 1
+    drawn: dict[str, tuple[list[float], list[float]]] = {}
+    for run, curves in curves_by_run.items():
+        for key, (steps, values) in curves.items():
+            if title.startswith("throughput"):
+                steps, values = steps[THROUGHPUT_WARMUP_STEPS:], values[THROUGHPUT_WARMUP_STEPS:]
+            marker = "o" if len(steps) < 30 else None
+            label = f"{run}: {key}" if several else key
+            axis.plot(steps, values, label=label, marker=marker, markersize=3)
+            drawn[label] = (steps, values)
+    axis.set_title(title)
+    axis.set_xlabel("step")
+    axis.set_ylabel(PANEL_Y_LABELS.get(title, title))
+    if title in ("loss", "perplexity", "gradient norm") and _all_positive(drawn):
+        axis.set_yscale("log")
+    axis.legend(fontsize=8)
+    axis.grid(alpha=0.3)
 
 
 def _series(

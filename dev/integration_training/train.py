@@ -22,6 +22,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import tyro
 
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
-from rollouts.monitoring import JSONLLogger, plot_metrics
+from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
 from rollouts.rl import run_rl_training
 from rollouts.sft import count_sft_steps, run_sft_training
 from rollouts.tasks.addition import AdditionTask, read_examples
@@ -297,7 +298,7 @@ async def run_sft_stage(
         backend.close()
     if is_main:
         tokenizer.save_pretrained(output_dir / "final_model")
-        summarize(result, accuracy_before, accuracy_after, plot_metrics(output_dir))
+        summarize(config, result, accuracy_before, accuracy_after, output_dir)
     _barrier(world)
 
 
@@ -379,26 +380,43 @@ def summarize_rl(
 ) -> None:
     steps = [m for m in history if m.get("step", 0) > 0]
     rewards = [m["reward_mean"] for m in steps]
-    held_out = rl.test_path or "the validation questions"
+    split = f"test split ({rl.test_path}" if rl.test_path else "validation split (data.val_path"
+    last = steps[-1]
     print(
-        f"RL: {len(steps)} steps, loss {rl.loss}; reward {rewards[0]:.3f} (first step) -> "
-        f"{sum(rewards[-5:]) / len(rewards[-5:]):.3f} (mean of the last 5)"
+        f"RL summary: {len(steps)} steps in {last['wall_time_s']:.1f} s, loss {rl.loss}; reward "
+        f"{rewards[0]:.3f} (first step) -> {sum(rewards[-5:]) / len(rewards[-5:]):.3f} (mean of "
+        "the last 5)"
     )
     print(
-        f"held-out accuracy (greedy, {num_test} questions of {held_out}): "
-        f"SFT {before['accuracy']:.3f} -> SFT+RL {after['accuracy']:.3f}"
+        f"RL accuracy (greedy), {split}, {num_test} questions): SFT model "
+        f"{before['accuracy']:.3f} -> SFT+RL model {after['accuracy']:.3f}"
     )
     print(
-        f"RL time: sampling busy {steps[-1]['sample_busy_s']:.1f} s, training busy "
-        f"{steps[-1]['train_busy_s']:.1f} s, both at once {steps[-1]['overlap_frac']:.0%} of "
-        f"{steps[-1]['wall_time_s']:.1f} s"
+        f"RL time: sampling busy {last['sample_busy_s']:.1f} s, training busy "
+        f"{last['train_busy_s']:.1f} s, both at once {last['overlap_frac']:.0%} of "
+        f"{last['wall_time_s']:.1f} s"
     )
     print(f"RL plot: {png}")
 
 
 def summarize(
-    result: Any, accuracy_before: float | None, accuracy_after: float | None, png: Path
+    config: TrainConfig,
+    result: Any,
+    accuracy_before: float | None,
+    accuracy_after: float | None,
+    output_dir: Path,
 ) -> None:
+    """The SFT stage in a few lines: steps, time and throughput, train and validation loss, and
+    the accuracy labelled with the split it was measured on."""
+    train = [r for r in read_metrics(output_dir) if r.get("kind") == "train"]
+    if train:
+        seconds = sum(r["step_time_s"] for r in train)
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in train)
+        print(
+            f"SFT summary: {len(train)} steps logged in {seconds:.1f} s (median "
+            f"{tokens_per_s:,.0f} tokens/s); train loss {train[0]['loss']:.4f} (step "
+            f"{train[0]['step']}) -> {train[-1]['loss']:.4f} (step {train[-1]['step']})"
+        )
     evals = result.evals
     if evals:
         print(
@@ -407,12 +425,15 @@ def summarize(
         )
     if accuracy_after is not None:
         before = "n/a (resumed)" if accuracy_before is None else f"{accuracy_before:.3f}"
-        print(f"task accuracy (greedy, validation): {before} -> {accuracy_after:.3f}")
+        print(
+            f"SFT accuracy (greedy), validation split ({config.data.val_path}, at most "
+            f"{config.data.accuracy_examples} questions): {before} -> {accuracy_after:.3f}"
+        )
     print(
         f"stopped: {result.stop_reason} at step {result.final_step}; "
         f"final checkpoint {result.final_checkpoint}; best {result.best_checkpoint}"
     )
-    print(f"plot: {png}")
+    print(f"plot: {plot_metrics(output_dir)}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,5 +1,7 @@
 """The `rollouts` command.
 
+rollouts train CONFIG.py [--section.field value ...]   # a run as a config file says
+rollouts sft --model DIR --train FILE [--val FILE]      # fine-tune on your data, no config file
 rollouts plot RUN_DIR [RUN_DIR ...] [--out PNG]   # a run's metrics.jsonl -> a PNG of its
                                                   # curves; several runs are overlaid
 """
@@ -16,16 +18,38 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rollouts` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="rollouts", description="rollouts command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="run a config file (SFT, then RL if enabled)")
+    train.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
+    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.field value ...")
+    from rollouts.recipes.quick import add_sft_arguments
+
+    add_sft_arguments(commands.add_parser("sft", help="fine-tune a local model on chat data"))
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(
         "runs", type=Path, nargs="+", help="run directories holding metrics.jsonl, or the files"
     )
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: beside the first)")
     args = parser.parse_args(argv)
+    if args.command in ("train", "sft"):
+        return _train(args)
     if args.command == "plot":
         from rollouts.monitoring.logging import plot_metrics
 
         print(plot_metrics(args.runs if len(args.runs) > 1 else args.runs[0], args.out))
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    import logging
+
+    from rollouts.recipes.quick import quick_sft_config
+    from rollouts.recipes.train import load_config, run_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.command == "train":
+        run_config(load_config(args.config, args.overrides))
+    else:
+        run_config(quick_sft_config(args))
     return 0
 
 

@@ -20,7 +20,8 @@ ALLOWED: dict[str, set[str]] = {
     "tasks": {"core", "inference"},
     "sft": {"core", "data", "monitoring", "training"},
     "rl": {"core", "inference", "monitoring", "tasks", "training"},
-    "cli": {"monitoring"},
+    "recipes": {"core", "data", "inference", "monitoring", "rl", "sft", "tasks", "training"},
+    "cli": {"monitoring", "recipes"},
 }
 
 

@@ -69,13 +69,10 @@ def test_a_bad_override_names_the_field(tmp_path: Path) -> None:
 
 
 def _train_module():
-    """train.py imported as a module, for its run-directory guards (no subprocess needed)."""
-    import importlib.util
+    """The command's module, for its run-directory guards (no subprocess needed)."""
+    from rollouts.recipes import train
 
-    spec = importlib.util.spec_from_file_location("_train_script", TRAIN)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return train
 
 
 def _config(train: object, out: Path, *args: str):
@@ -140,3 +137,36 @@ def test_a_bad_dtype_or_device_is_refused_before_any_work(tmp_path: Path, capsys
             assert field in str(error) + capsys.readouterr().err
         else:
             raise AssertionError(f"{flag} {value} must be refused")
+
+
+def test_rollouts_sft_fine_tunes_a_local_model_on_a_chat_file(tmp_path: Path) -> None:
+    """The no-config path a user types: a model directory (with its tokenizer and chat
+    template) and a JSONL file; then the same command again refuses to overwrite the run."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rollouts.data.char_tokenizer import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer()
+    model_dir = tmp_path / "my_model"
+    ids = {"eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id}
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
+                         **ids)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    data = REPO / "dev" / "integration_training" / "data"
+    command = [
+        sys.executable, "-m", "rollouts.cli", "sft", "--model", str(model_dir),
+        "--train", str(data / "addition_train.jsonl"), "--val", str(data / "addition_val.jsonl"),
+        "--max-steps", "6", "--max-length", "32", "--learning-rate", "1e-3",
+        "--output", str(tmp_path / "run"),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "SFT summary: 6 steps" in done.stdout and "validation loss: " in done.stdout
+    exported = tmp_path / "run" / "final_model"
+    assert (exported / "tokenizer_config.json").is_file() and (
+        exported / "model.safetensors"
+    ).is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert again.returncode != 0 and "--overwrite" in again.stderr

@@ -524,7 +524,8 @@ async def run_rl_training(
     except BackendFailedError as error:
         # A call skipped because an earlier one failed (a weight push to an engine that died,
         # say): raise the failure itself, the one that names what went wrong.
-        raise _root_cause(error) from None
+        root = _root_cause(error)
+        raise root from root.__cause__
     finally:
         run.progress.close()
     return run.history
@@ -562,8 +563,8 @@ async def _run_async(run: _RLRun, start_step: int) -> None:
         # One failure (a dead engine, a refused call) cancels the other task: raise it alone,
         # so the caller sees the error that ended the run, not a group around it.
         leaves = _leaves(group)
-        if len(leaves) == 1:
-            raise leaves[0] from None
+        if len(leaves) == 1:  # `from` its own cause: keeps the chain, drops the group as context
+            raise leaves[0] from leaves[0].__cause__
         raise
 
 

@@ -1,0 +1,160 @@
+"""The schema of a training-command config: frozen dataclasses that a config file instantiates.
+
+A config file (`configs/*.py`) is plain Python that builds one `TrainConfig` named `config`;
+`train.py` loads it and lets the command line override single fields through tyro
+(`--sft.learning_rate 3e-4`, `--target.device_type cuda`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rollouts.rl import RLTrainingConfig
+from rollouts.sft import SFTTrainingConfig
+from rollouts.training.losses import RL_LOSSES
+
+__all__ = [
+    "BACKENDS",
+    "DataConfig",
+    "ModelConfig",
+    "RLStageConfig",
+    "TargetConfig",
+    "TrainConfig",
+]
+
+BACKENDS = ("pytorch", "fsdp")
+DTYPES = ("float32", "bfloat16", "float16")
+DEVICE_TYPES = ("cpu", "cuda", "mps")
+ENGINE_MODES = ("process", "thread")
+TASKS = ("", "addition")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """The model: a Hugging Face directory or hub id, or a tiny Llama built from the fields."""
+
+    name: str = ""  # HF model dir or hub id; "" builds a tiny Llama from the fields below
+    tokenizer: str = ""  # tokenizer dir or hub id; "" uses `name`'s, or the char tokenizer
+    dtype: str = "float32"  # parameter dtype: "float32", "bfloat16" or "float16"
+    hidden_size: int = 128  # tiny Llama only, like the rest of this block
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 64
+    init_seed: int = 0  # seeds the tiny model's random initialisation
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype={self.dtype!r}; must be one of {DTYPES}")
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+        for name in (*sizes, "num_key_value_heads", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model.{name}={getattr(self, name)}; must be >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"model.hidden_size={self.hidden_size} must be a multiple of "
+                f"model.num_attention_heads={self.num_attention_heads}"
+            )
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Where the chat data lives and how it is cut."""
+
+    train_path: str = ""  # JSONL/parquet file, dataset dir or hub name
+    val_path: str = ""  # validation data ("" = none: no eval, no early stopping)
+    max_length: int = 64  # tokens per example, template included
+    overlong: str = "truncate"  # "truncate" or "drop" examples longer than max_length
+    skip_bad_lines: bool = False  # skip (and count) malformed records instead of failing
+    task: str = ""  # "addition": also report greedy task accuracy before and after training
+    accuracy_examples: int = 300  # validation examples used for the accuracy figure
+
+    def __post_init__(self) -> None:
+        if not self.train_path:
+            raise ValueError("data.train_path is empty; it must name the training data")
+        if self.task not in TASKS:
+            raise ValueError(f"data.task={self.task!r}; must be one of {TASKS}")
+        if self.accuracy_examples < 1:
+            raise ValueError(f"data.accuracy_examples={self.accuracy_examples}; must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetConfig:
+    """Where training runs."""
+
+    device_type: str = "cpu"  # "cpu", "cuda" or "mps"
+    gpu_ranks: tuple[int, ...] = (0,)  # the single-device backend's CUDA device (the first);
+    # under fsdp each rank takes cuda:LOCAL_RANK from torchrun instead
+    backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded over torchrun's ranks)
+    mixed_precision: str = ""  # compute dtype, e.g. "bfloat16"; "" = model.dtype
+
+    def __post_init__(self) -> None:
+        if self.device_type not in DEVICE_TYPES:
+            raise ValueError(
+                f"target.device_type={self.device_type!r}; must be one of {DEVICE_TYPES}"
+            )
+        if self.mixed_precision not in ("", *DTYPES):
+            raise ValueError(
+                f"target.mixed_precision={self.mixed_precision!r}; must be '' or one of {DTYPES}"
+            )
+        if self.backend not in BACKENDS:
+            raise ValueError(f"target.backend={self.backend!r}; must be one of {BACKENDS}")
+        if not self.gpu_ranks or any(rank < 0 for rank in self.gpu_ranks):
+            raise ValueError(f"target.gpu_ranks={self.gpu_ranks}; non-empty, each >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RLStageConfig:
+    """The RL stage, run after SFT from its final model, on `data.task` with a rollout engine."""
+
+    enabled: bool = False  # run RL after SFT
+    loss: str = "ppo"  # a name in rollouts.training.losses.RL_LOSSES
+    kl_coef: float = 0.0  # > 0: a k3 KL penalty toward the reference policy, in the loss
+    reference: str = ""  # the reference model ("" = the SFT model this stage starts from)
+    learning_rate: float = 1e-4  # constant (RL steps are few; no schedule)
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    test_path: str = ""  # held-out questions for the SFT-vs-RL comparison ("" = data.val_path)
+    test_examples: int = 300  # held-out questions compared, at most
+    engine_mode: str = "process"  # rollout engine in a child process, or a thread of this one
+    engine_threads: int = 1  # the engine's intra-op threads
+    trainer_threads: int = 0  # the trainer worker's intra-op threads; 0: the cores the engine
+    # leaves (cores - engine_threads, at least 1), so the two never oversubscribe the machine
+    training: RLTrainingConfig = field(default_factory=RLTrainingConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss not in RL_LOSSES:
+            raise ValueError(f"rl.loss={self.loss!r}; must be one of {sorted(RL_LOSSES)}")
+        if self.engine_mode not in ENGINE_MODES:
+            raise ValueError(f"rl.engine_mode={self.engine_mode!r}; must be one of {ENGINE_MODES}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"rl.learning_rate={self.learning_rate}; must be > 0")
+        if not self.kl_coef >= 0:
+            raise ValueError(f"rl.kl_coef={self.kl_coef}; must be >= 0")
+        for name in ("test_examples", "engine_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rl.{name}={getattr(self, name)}; must be >= 1")
+        if self.trainer_threads < 0:
+            raise ValueError(f"rl.trainer_threads={self.trainer_threads}; must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """One run of `train.py`: model, data, SFT (and optionally RL) settings, target device,
+    output directory."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig
+    sft: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
+    rl: RLStageConfig = field(default_factory=RLStageConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    output_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, metrics.png go here
+    overwrite: bool = False  # a fresh run may clear an output_dir left by an earlier run
+
+    def __post_init__(self) -> None:
+        if self.rl.enabled and self.data.task != "addition":
+            raise ValueError("rl.enabled needs a task with a reward: set data.task='addition'")
+        if self.rl.enabled and not self.data.val_path:
+            raise ValueError("rl.enabled needs held-out questions: set data.val_path")

@@ -1,0 +1,464 @@
+"""Fine-tune a model as a config file says: `rollouts train CONFIG.py [--section.field value ...]`.
+
+    rollouts train dev/integration_training/configs/00_tiny_sft_cpu.py
+    rollouts train CONFIG.py --sft.learning_rate 3e-4 --sft.resume
+    python dev/integration_training/train.py CONFIG.py          # the same command, from a checkout
+
+    torchrun --nproc_per_node=2 dev/integration_training/train.py \
+        dev/integration_training/configs/03_debug_sft_fsdp_2gpu.py
+
+The script only assembles the library's tiers (tokenizer, data, backend, rollout engine) and runs
+the orchestrators; the training logic lives in `rollouts.training` and `rollouts.rl`. It writes
+into `output_dir`: `metrics.jsonl`, `checkpoints/step_*/`, `final_model/` (a Hugging Face
+directory) and `metrics.png`; with `rl.enabled`, the RL stage writes the same under `rl/`. With
+`data.task = "addition"` it prints greedy task accuracy before and after each stage.
+`target.backend = "fsdp"` runs every rank under torchrun; only rank 0 prints, logs and plots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import tyro
+
+from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
+from rollouts.inference import HFRolloutEngine
+from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
+from rollouts.recipes import config as _config_schema
+from rollouts.recipes.config import RLStageConfig, TrainConfig
+from rollouts.rl import run_rl_training
+from rollouts.sft import count_sft_steps, run_sft_training
+from rollouts.tasks.addition import AdditionTask, read_examples
+from rollouts.tasks.evaluation import evaluate_greedy
+from rollouts.training import TrainingBackend
+from rollouts.training.backends import (
+    create_fsdp_backend,
+    create_pytorch_backend,
+    list_checkpoints,
+    load_hf_model,
+    parse_dtype,
+)
+from rollouts.training.distributed import World, destroy_distributed, init_distributed
+from rollouts.training.losses import LossFn, make_rl_loss
+
+# Config files import the schema as `train_config` (its name beside the shipped configs): the same
+# module, wherever the command runs from.
+sys.modules.setdefault("train_config", _config_schema)
+
+
+def load_config(config_path: str, overrides: list[str]) -> TrainConfig:
+    """Run the config file, take its `config`, apply command-line overrides."""
+    path = Path(config_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location(f"_config_{path.stem}", path)
+    assert spec is not None and spec.loader is not None, f"cannot import {path}"
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = getattr(module, "config", None)
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"{path} must define `config = TrainConfig(...)`, got {type(config)}")
+    return tyro.cli(type(config), default=config, args=overrides, prog=f"train.py {path}")
+
+
+def build_tokenizer(config: TrainConfig) -> Any:
+    if config.model.tokenizer or config.model.name:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(config.model.tokenizer or config.model.name)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+    return build_char_tokenizer(model_max_length=config.model.max_position_embeddings)
+
+
+def prepare_model_dir(config: TrainConfig, tokenizer: Any, output_dir: Path, is_main: bool) -> str:
+    """The model to load: `model.name`, or a tiny Llama built, seeded and saved under output_dir
+    (by rank 0; the other ranks load what it wrote)."""
+    model_dir = output_dir / "init_model"
+    if config.model.name:
+        return config.model.name
+    if not is_main:
+        return str(model_dir)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    m = config.model
+    llama_config = LlamaConfig(
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        num_hidden_layers=m.num_hidden_layers,
+        num_attention_heads=m.num_attention_heads,
+        num_key_value_heads=m.num_key_value_heads,
+        max_position_embeddings=m.max_position_embeddings,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(m.init_seed)
+    LlamaForCausalLM(llama_config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return str(model_dir)
+
+
+def build_backend(
+    config: TrainConfig,
+    model_path: str,
+    checkpoint_dir: Path,
+    world: World | None,
+    optim: Any,
+    num_training_steps: int | None = None,
+    loss_fn: LossFn | None = None,
+    num_threads: int | None = None,
+) -> TrainingBackend:
+    """The backend `target` asks for (Tier 2 factories, which take the same options), with the
+    optimizer settings of `optim` (the sft or rl section) and, given `num_training_steps`, the
+    SFT warmup schedule."""
+    target = config.target
+    options: dict[str, Any] = dict(
+        device_type=target.device_type,
+        dtype=config.model.dtype,
+        mixed_precision=target.mixed_precision or None,
+        learning_rate=optim.learning_rate,
+        adam_betas=optim.adam_betas,
+        weight_decay=optim.weight_decay,
+        loss_fn=loss_fn,
+        max_grad_norm=optim.max_grad_norm,
+        num_threads=num_threads,
+    )
+    if num_training_steps is not None:
+        options.update(
+            num_training_steps=num_training_steps,
+            warmup_ratio=optim.warmup_ratio,
+            decay_style=optim.decay_style,
+            min_lr_ratio=optim.min_lr_ratio,
+        )
+    if target.backend == "fsdp":
+        assert world is not None, "the fsdp backend runs under init_distributed"
+        return create_fsdp_backend(model_path, checkpoint_dir, world=world, **options)
+    return create_pytorch_backend(
+        model_path, checkpoint_dir, gpu_rank=target.gpu_ranks[0], **options
+    )
+
+
+ACCURACY_MAX_TOKENS = 12  # an addition answer is at most 4 characters and EOS
+
+
+async def task_accuracy(config: TrainConfig, engine: Any, tokenizer: Any) -> float | None:
+    """Greedy accuracy on the validation questions, through a rollout engine (the one evaluator
+    both stages use). The engine computes on its own thread, never on the event loop's."""
+    if config.data.task != "addition" or not config.data.val_path:
+        return None
+    examples = read_examples(config.data.val_path, config.data.accuracy_examples)
+    task = AdditionTask([], examples)
+    scores = await evaluate_greedy(
+        engine, tokenizer, task, task.eval_prompts(), max_tokens=ACCURACY_MAX_TOKENS
+    )
+    return scores["accuracy"]
+
+
+LOCK_FILE = ".run.lock"
+_held_locks: list[Any] = []  # open lock files: the lock lasts as long as this process
+
+
+def lock_output_dir(output_dir: Path) -> None:
+    """Refuse a second run on the same directory while this one lives (an flock: a crashed run
+    leaves no stale lock behind)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(output_dir / LOCK_FILE, "a+")  # noqa: SIM115 - held until the process exits
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RuntimeError(
+            f"{output_dir} is in use by a run that is still going ({holder}); wait for it to "
+            "finish, or pass another --output_dir"
+        ) from None
+    handle.truncate(0)
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    _held_locks.append(handle)
+
+
+def refuse_an_earlier_rl_run(config: TrainConfig, output_dir: Path) -> None:
+    """A fresh RL stage must not write into (or later resume) another RL run's directory."""
+    rl_checkpoints = output_dir / "rl" / "checkpoints"
+    if config.rl.enabled and not config.rl.training.resume and list_checkpoints(rl_checkpoints):
+        raise FileExistsError(
+            f"{rl_checkpoints.parent} holds an earlier RL run; pass --rl.training.resume to "
+            "continue it, --overwrite to start the whole run afresh, or another --output_dir"
+        )
+
+
+def prepare_output_dir(config: TrainConfig) -> Path:
+    output_dir = Path(config.output_dir)
+    lock_output_dir(output_dir)  # before anything below may delete an earlier run's files
+    previous = [output_dir / name for name in ("checkpoints", "metrics.jsonl")]
+    if not config.sft.resume and any(p.exists() for p in previous):
+        if not config.overwrite:
+            raise FileExistsError(
+                f"{output_dir} holds an earlier run; pass --sft.resume to continue it, "
+                "--overwrite to replace it, or another --output_dir"
+            )
+        names = ("checkpoints", "metrics.jsonl", "metrics.png", "final_model", "init_model", "rl")
+        for name in names:
+            target = output_dir / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
+
+
+def load_data(
+    config: TrainConfig, tokenizer: Any, is_main: bool
+) -> tuple[SFTDataset, SFTDataset | None]:
+    d = config.data
+    options = {"overlong": d.overlong, "skip_bad_lines": d.skip_bad_lines}
+    train = load_sft_dataset(d.train_path, tokenizer, d.max_length, **options)
+    val = load_sft_dataset(d.val_path, tokenizer, d.max_length, **options) if d.val_path else None
+    for dataset in (train, val):
+        if dataset is not None and is_main:
+            print(dataset.summary())
+    return train, val
+
+
+def _barrier(world: World | None) -> None:
+    """Between stages only: rank 0 prepares files the other ranks then read."""
+    if world is not None:
+        torch.distributed.barrier()
+
+
+async def run(config: TrainConfig, world: World | None) -> None:
+    start_s = time.perf_counter()
+    is_main = world is None or world.is_main
+    output_dir = prepare_output_dir(config) if is_main else Path(config.output_dir)
+    refuse_an_earlier_rl_run(config, output_dir)  # before the SFT stage spends any time
+    _barrier(world)
+    tokenizer = build_tokenizer(config)
+    train, val = load_data(config, tokenizer, is_main)
+    model_path = prepare_model_dir(config, tokenizer, output_dir, is_main)
+    _barrier(world)
+    await run_sft_stage(config, world, output_dir, tokenizer, model_path, train, val)
+    if config.rl.enabled:
+        await run_rl_stage(config, world, output_dir, tokenizer)
+    if is_main:
+        print(f"wall time: {time.perf_counter() - start_s:.1f} s")
+
+
+async def run_sft_stage(
+    config: TrainConfig,
+    world: World | None,
+    output_dir: Path,
+    tokenizer: Any,
+    model_path: str,
+    train: SFTDataset,
+    val: SFTDataset | None,
+) -> None:
+    is_main = world is None or world.is_main
+    num_steps = count_sft_steps(train, config.sft)
+    backend = build_backend(
+        config, model_path, output_dir / "checkpoints", world, config.sft, num_steps
+    )
+    eval_engine = None
+    if is_main:  # a thread-mode engine: its own copy of the model, computing on its own thread
+        eval_model = load_hf_model(model_path, parse_dtype(config.model.dtype), None)
+        eval_engine = HFRolloutEngine(eval_model, tokenizer, mode="thread", num_threads=None)
+    logger = JSONLLogger(output_dir / "metrics.jsonl") if is_main else None
+    accuracy_before = accuracy_after = None
+    try:
+        # Accuracy before training: of the initial model, so only for a fresh run.
+        if is_main and not config.sft.resume:
+            accuracy_before = await task_accuracy(config, eval_engine, tokenizer)
+            if accuracy_before is not None:
+                logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
+        result = await run_sft_training(backend, train, config.sft, eval_data=val, logger=logger)
+        weights = await backend.get_weights()  # every rank takes part; rank 0 gets them
+        if is_main:
+            await eval_engine.load_weights(weights, 1)
+            accuracy_after = await task_accuracy(config, eval_engine, tokenizer)
+            if accuracy_after is not None:
+                logger.log(
+                    {"kind": "task_eval", "step": result.final_step, "val_accuracy": accuracy_after}
+                )
+        await backend.export_hf(output_dir / "final_model")
+    finally:
+        if logger is not None:
+            logger.close()
+        if eval_engine is not None:
+            eval_engine.close()
+        backend.close()
+    if is_main:
+        tokenizer.save_pretrained(output_dir / "final_model")
+        summarize(config, result, accuracy_before, accuracy_after, output_dir)
+    _barrier(world)
+
+
+async def run_rl_stage(
+    config: TrainConfig, world: World | None, output_dir: Path, tokenizer: Any
+) -> None:
+    """RL from the SFT stage's final model; prints held-out accuracy before and after."""
+    rl, is_main = config.rl, world is None or world.is_main
+    sft_model, rl_dir = output_dir / "final_model", output_dir / "rl"
+    backend = build_backend(
+        config,
+        str(sft_model),
+        rl_dir / "checkpoints",
+        world,
+        rl,
+        loss_fn=make_rl_loss(rl.loss, kl_coef=rl.kl_coef),
+        num_threads=rl_trainer_threads(rl),
+    )
+    reference = None
+    if rl.kl_coef > 0:  # the policy the KL penalty pulls toward; it only runs forward
+        reference_model = rl.reference or str(sft_model)
+        reference = build_backend(
+            config,
+            reference_model,
+            rl_dir / "reference",
+            world,
+            rl,
+            num_threads=rl_trainer_threads(rl),
+        )
+    engine = HFRolloutEngine(
+        load_hf_model(sft_model, torch.float32, None),
+        tokenizer,
+        mode=rl.engine_mode,
+        num_threads=rl.engine_threads,
+    )
+    task = AdditionTask(
+        read_examples(config.data.train_path),
+        read_examples(config.data.val_path, rl.training.eval_max_prompts),
+    )
+    test = [
+        e.task_prompt()
+        for e in read_examples(rl.test_path or config.data.val_path, rl.test_examples)
+    ]
+    logger = JSONLLogger(rl_dir / "metrics.jsonl") if is_main else None
+    greedy = dict(max_tokens=ACCURACY_MAX_TOKENS, success_reward=rl.training.success_reward)
+    try:
+        before = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
+        history = await run_rl_training(
+            backend, engine, task, rl.training, logger, tokenizer, reference
+        )
+        after = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
+        await backend.export_hf(rl_dir / "final_model")
+    finally:
+        if logger is not None:
+            logger.close()
+        engine.close()
+        backend.close()
+        if reference is not None:
+            reference.close()
+    if is_main:
+        tokenizer.save_pretrained(rl_dir / "final_model")
+        summarize_rl(rl, history, before, after, len(test), plot_metrics(rl_dir))
+    _barrier(world)
+
+
+def rl_trainer_threads(rl: RLStageConfig) -> int:
+    """The trainer's intra-op threads in the RL stage: the configured count, or the cores the
+    rollout engine leaves. Sampling and training run at once; two OpenMP teams that together ask
+    for more threads than there are cores stall each other (on a busy 2-core box the async RL
+    benchmark ran 0.83x as long with 1 trainer thread as with 2)."""
+    if rl.trainer_threads:
+        return rl.trainer_threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - rl.engine_threads)
+
+
+def summarize_rl(
+    rl: RLStageConfig, history: list[dict], before: dict, after: dict, num_test: int, png: Path
+) -> None:
+    steps = [m for m in history if m.get("step", 0) > 0]
+    rewards = [m["reward_mean"] for m in steps]
+    split = f"test split ({rl.test_path}" if rl.test_path else "validation split (data.val_path"
+    last = steps[-1]
+    print(
+        f"RL summary: {len(steps)} steps in {last['wall_time_s']:.1f} s, loss {rl.loss}; reward "
+        f"{rewards[0]:.3f} (first step) -> {sum(rewards[-5:]) / len(rewards[-5:]):.3f} (mean of "
+        "the last 5)"
+    )
+    print(
+        f"RL accuracy (greedy), {split}, {num_test} questions): SFT model "
+        f"{before['accuracy']:.3f} -> SFT+RL model {after['accuracy']:.3f}"
+    )
+    print(
+        f"RL time: sampling busy {last['sample_busy_s']:.1f} s, training busy "
+        f"{last['train_busy_s']:.1f} s, both at once {last['overlap_frac']:.0%} of "
+        f"{last['wall_time_s']:.1f} s"
+    )
+    print(f"RL plot: {png}")
+
+
+def summarize(
+    config: TrainConfig,
+    result: Any,
+    accuracy_before: float | None,
+    accuracy_after: float | None,
+    output_dir: Path,
+) -> None:
+    """The SFT stage in a few lines: steps, time and throughput, train and validation loss, and
+    the accuracy labelled with the split it was measured on."""
+    train = [r for r in read_metrics(output_dir) if r.get("kind") == "train"]
+    if train:
+        seconds = sum(r["step_time_s"] for r in train)
+        tokens_per_s = statistics.median(r["tokens_per_s"] for r in train)
+        print(
+            f"SFT summary: {len(train)} steps logged in {seconds:.1f} s (median "
+            f"{tokens_per_s:,.0f} tokens/s); train loss {train[0]['loss']:.4f} (step "
+            f"{train[0]['step']}) -> {train[-1]['loss']:.4f} (step {train[-1]['step']})"
+        )
+    evals = result.evals
+    if evals:
+        print(
+            f"validation loss: {evals[0]['loss']:.4f} (step {evals[0]['step']}) -> "
+            f"{evals[-1]['loss']:.4f} (step {evals[-1]['step']})"
+        )
+    if accuracy_after is not None:
+        before = "n/a (resumed)" if accuracy_before is None else f"{accuracy_before:.3f}"
+        print(
+            f"SFT accuracy (greedy), validation split ({config.data.val_path}, at most "
+            f"{config.data.accuracy_examples} questions): {before} -> {accuracy_after:.3f}"
+        )
+    print(
+        f"stopped: {result.stop_reason} at step {result.final_step}; "
+        f"final checkpoint {result.final_checkpoint}; best {result.best_checkpoint}"
+    )
+    print(f"plot: {plot_metrics(output_dir)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        print(__doc__)
+        raise SystemExit(2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run_config(load_config(argv[0], argv[1:]))
+
+
+def run_config(config: TrainConfig) -> None:
+    """Run the stages `config` asks for: on one device, or on every rank under torchrun."""
+    if config.target.backend != "fsdp":
+        asyncio.run(run(config, None))
+        return
+    world = init_distributed(device_type=config.target.device_type)
+    try:
+        asyncio.run(run(config, world))
+    finally:
+        destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()

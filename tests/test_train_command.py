@@ -130,6 +130,7 @@ def test_a_bad_dtype_or_device_is_refused_before_any_work(tmp_path: Path, capsys
     for flag, value, field in [
         ("--model.dtype", "float64", "model.dtype='float64'"),
         ("--target.device_type", "gpu", "target.device_type='gpu'"),
+        ("--data.mask_mode", "guess", "data.mask_mode='guess'"),
     ]:
         try:
             _config(train, tmp_path / "x", flag, value)

@@ -1,5 +1,6 @@
 """Data for training: chat datasets for SFT, their batching, and a char-level tokenizer."""
 
+from rollouts.data._chat_masks import MASK_MODES
 from rollouts.data.batching import (
     collate_packed,
     collate_padded,
@@ -17,6 +18,7 @@ from rollouts.data.sft import (
 )
 
 __all__ = [
+    "MASK_MODES",
     "SFTDataError",
     "SFTDataset",
     "TokenizedExample",

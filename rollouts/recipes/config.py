@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rollouts.data import MASK_MODES
 from rollouts.rl import RLTrainingConfig
 from rollouts.sft import SFTTrainingConfig
 from rollouts.training.losses import RL_LOSSES
@@ -69,6 +70,8 @@ class DataConfig:
     skip_bad_lines: bool = False  # skip (and count) malformed records instead of failing
     task: str = ""  # "addition": also report greedy task accuracy before and after training
     accuracy_examples: int = 300  # validation examples used for the accuracy figure
+    mask_mode: str = "auto"  # assistant masks: "auto", "generation_tags" or "incremental"
+    enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3-style)
 
     def __post_init__(self) -> None:
         if not self.train_path:
@@ -77,6 +80,8 @@ class DataConfig:
             raise ValueError(f"data.task={self.task!r}; must be one of {TASKS}")
         if self.accuracy_examples < 1:
             raise ValueError(f"data.accuracy_examples={self.accuracy_examples}; must be >= 1")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"data.mask_mode={self.mask_mode!r}; must be one of {MASK_MODES}")
 
 
 @dataclass(frozen=True, kw_only=True)

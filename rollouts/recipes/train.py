@@ -225,7 +225,13 @@ def load_data(
     config: TrainConfig, tokenizer: Any, is_main: bool
 ) -> tuple[SFTDataset, SFTDataset | None]:
     d = config.data
-    options = {"overlong": d.overlong, "skip_bad_lines": d.skip_bad_lines}
+    options: dict[str, Any] = {
+        "overlong": d.overlong,
+        "skip_bad_lines": d.skip_bad_lines,
+        "mask_mode": d.mask_mode,
+    }
+    if d.enable_thinking is not None:
+        options["chat_template_kwargs"] = {"enable_thinking": d.enable_thinking}
     train = load_sft_dataset(d.train_path, tokenizer, d.max_length, **options)
     val = load_sft_dataset(d.val_path, tokenizer, d.max_length, **options) if d.val_path else None
     for dataset in (train, val):

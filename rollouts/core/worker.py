@@ -172,12 +172,13 @@ class SerialWorker:
             if not already_closed:
                 self._closed = True
                 self._queue.put(None)
-        _OPEN_WORKERS.discard(self)
         if already_closed or threading.current_thread() is self._thread:
             return  # the first close() waited (or gave up) already
         self._thread.join(timeout=timeout_s)
         if self._thread.is_alive():
-            self._give_up(timeout_s)
+            self._give_up(timeout_s)  # still watched at exit: the call may still be running
+        else:
+            _OPEN_WORKERS.discard(self)
 
     def is_alive(self) -> bool:
         """True while the worker thread runs (a call, or waiting for one)."""

@@ -197,9 +197,10 @@ def refuse_an_earlier_rl_run(config: TrainConfig, output_dir: Path) -> None:
     """A fresh RL stage must not write into (or later resume) another RL run's directory."""
     rl_checkpoints = output_dir / "rl" / "checkpoints"
     if config.rl.enabled and not config.rl.training.resume and list_checkpoints(rl_checkpoints):
+        fresh = "--overwrite without --sft.resume" if config.sft.resume else "--overwrite"
         raise FileExistsError(
             f"{rl_checkpoints.parent} holds an earlier RL run; pass --rl.training.resume to "
-            "continue it, --overwrite to start the whole run afresh, or another --output_dir"
+            f"continue it, {fresh} to start the whole run afresh, or another --output_dir"
         )
 
 
@@ -218,6 +219,7 @@ def prepare_output_dir(config: TrainConfig) -> Path:
             target = output_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
+    refuse_an_earlier_rl_run(config, output_dir)  # after any deletion, before SFT spends time
     return output_dir
 
 
@@ -250,7 +252,6 @@ async def run(config: TrainConfig, world: World | None) -> None:
     start_s = time.perf_counter()
     is_main = world is None or world.is_main
     output_dir = prepare_output_dir(config) if is_main else Path(config.output_dir)
-    refuse_an_earlier_rl_run(config, output_dir)  # before the SFT stage spends any time
     _barrier(world)
     tokenizer = build_tokenizer(config)
     train, val = load_data(config, tokenizer, is_main)

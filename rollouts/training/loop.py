@@ -70,7 +70,8 @@ class CallWindow:
         while self._open and self._open[0].done():
             self._open.popleft()
         while len(self._open) >= self.limit:
-            await self._open.popleft().finished()
+            await self._open[0].finished()  # popped after: a cancelled wait loses no call
+            self._open.popleft()
         future = call()
         self._open.append(future)
         return future

@@ -102,7 +102,7 @@ def begin_directory(final_path: Path) -> Path:
     parent.mkdir(parents=True, exist_ok=True)
     for stale in parent.glob(f".tmp-{final_path.name}-*"):  # left by a crash mid-save
         shutil.rmtree(stale, ignore_errors=True)
-    for deleting in parent.glob(".deleting-*"):  # a crash mid-delete
+    for deleting in parent.glob(".deleting-step_*"):  # a crash mid-delete of a checkpoint
         shutil.rmtree(deleting, ignore_errors=True)
     for aside in parent.glob(f".old-{final_path.name}-*"):  # a crash between the two renames
         if final_path.exists():
@@ -131,7 +131,13 @@ def commit_directory(tmp_path: Path, final_path: Path) -> None:
     if final_path.exists():
         aside_path = parent / f".old-{final_path.name}-{uuid.uuid4().hex[:8]}"
         os.rename(final_path, aside_path)
-    os.rename(tmp_path, final_path)
+    try:
+        os.rename(tmp_path, final_path)
+    except BaseException:
+        if aside_path is not None:  # put the old checkpoint back under its name
+            os.rename(aside_path, final_path)
+        abort_directory(tmp_path)
+        raise
     _fsync_dir(parent)
     if aside_path is not None:
         shutil.rmtree(aside_path, ignore_errors=True)

@@ -283,21 +283,16 @@ class FSDPTrainingBackend(QueuedBackend):
             (tmp_path / META_FILE).write_text(json.dumps(meta, indent=2))
 
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
-        self._agree_all("find the checkpoint files", _check_checkpoint_files, path, self.world.rank)
-        self._agree("verify the checkpoint's checksums", verify_checksums, path)
-        meta = json.loads((path / META_FILE).read_text())
-        if meta.get("backend") != "fsdp" or meta.get("world_size") != self.world.world_size:
-            raise ValueError(
-                f"{path / META_FILE}: backend={meta.get('backend')!r}, "
-                f"world_size={meta.get('world_size')}; this job needs an 'fsdp' checkpoint "
-                f"written by {self.world.world_size} ranks (the RNG state is per rank)"
-            )
-        # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
-        rank_state = torch.load(path / _rank_file(self.world.rank), weights_only=False)
-        if (rank_state["scheduler"] is None) != (self.scheduler is None):
-            raise ValueError(
-                f"{path}: the checkpoint and this backend differ in having a scheduler"
-            )
+        nothing = "nothing was loaded and the backend is as it was"
+        rank = self.world.rank
+        self._agree_all(
+            "find the checkpoint files", _check_checkpoint_files, path, rank, done=nothing
+        )
+        self._agree("verify the checkpoint's checksums", verify_checksums, path, done=nothing)
+        # Every check that reads a file ends in an agreement too: a rank refusing on its own
+        # would go on to the next call while the others enter dcp.load's collectives.
+        read = partial(self._read_rank_state, path)
+        rank_state = self._agree_all("read the trainer state", read, done=nothing)[rank]
         self._touch(COLLECTIVES)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}
@@ -315,13 +310,32 @@ class FSDPTrainingBackend(QueuedBackend):
         self._step = int(rank_state["optimizer_step"])
         return {"step": self._step}
 
-    def _agree(self, what: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
-        """Run `fn(*args)` on rank 0 only, then tell every rank its result or its error."""
-        return self._agree_all(what, fn if self.world.is_main else _nothing, *args)
+    def _read_rank_state(self, path: Path) -> dict[str, Any]:
+        meta = json.loads((path / META_FILE).read_text())
+        if meta.get("backend") != "fsdp" or meta.get("world_size") != self.world.world_size:
+            raise ValueError(
+                f"{path / META_FILE}: backend={meta.get('backend')!r}, "
+                f"world_size={meta.get('world_size')}; this job needs an 'fsdp' checkpoint "
+                f"written by {self.world.world_size} ranks (the RNG state is per rank)"
+            )
+        # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
+        rank_state = torch.load(path / _rank_file(self.world.rank), weights_only=False)
+        if (rank_state["scheduler"] is None) != (self.scheduler is None):
+            raise ValueError(
+                f"{path}: the checkpoint and this backend differ in having a scheduler"
+            )
+        return rank_state
 
-    def _agree_all(self, what: str, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    def _agree(self, what: str, fn: Callable[..., Any], *args: Any, done: str = "") -> list[Any]:
+        """Run `fn(*args)` on rank 0 only, then tell every rank its result or its error."""
+        return self._agree_all(what, fn if self.world.is_main else _nothing, *args, done=done)
+
+    def _agree_all(
+        self, what: str, fn: Callable[..., Any], *args: Any, done: str = ""
+    ) -> list[Any]:
         """Run `fn(*args)` on every rank; return every rank's result, or raise the same
-        `CheckpointFailedError` on every rank if any rank failed (one all-gather)."""
+        `CheckpointFailedError` on every rank if any rank failed (one all-gather). `done` says
+        what a failure leaves behind (default: a save's)."""
         local_error: Exception | None = None
         try:
             outcome: tuple[str | None, Any] = (None, fn(*args))
@@ -332,9 +346,9 @@ class FSDPTrainingBackend(QueuedBackend):
         failed = {rank: o[0] for rank, o in enumerate(outcomes) if o is not None and o[0]}
         if failed:
             where = "; ".join(f"rank {rank}: {message}" for rank, message in failed.items())
+            consequence = done or "nothing was renamed into place and earlier checkpoints are kept"
             raise CheckpointFailedError(
-                f"could not {what} ({where}); nothing was renamed into place and earlier "
-                "checkpoints are untouched"
+                f"could not {what} ({where}); {consequence}"
             ) from local_error
         return [o[1] for o in outcomes if o is not None]
 
@@ -374,7 +388,7 @@ class FSDPTrainingBackend(QueuedBackend):
         self._worker.settle()  # from here a failure is agreed on by every rank
         # transformers names the class without the "FSDP" prefix that fully_shard adds.
         write = partial(write_hf_directory, path, self.model, self.tokenizer, state_dict=full_state)
-        self._agree("write the Hugging Face directory", write)
+        self._agree("write the Hugging Face directory", write, done="nothing was exported")
         return path
 
 

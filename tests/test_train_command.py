@@ -171,3 +171,14 @@ def test_rollouts_sft_fine_tunes_a_local_model_on_a_chat_file(tmp_path: Path) ->
     ).is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+
+
+def test_every_subcommand_prints_its_help(capsys) -> None:
+    from rollouts.cli import main as cli_main
+
+    for command in (["--help"], ["train", "--help"], ["sft", "--help"], ["plot", "--help"]):
+        try:
+            cli_main(command)
+        except SystemExit as done:
+            assert done.code == 0, command
+        assert "usage: rollouts" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from rollouts.data import MASK_MODES
 from rollouts.recipes.config import DataConfig, ModelConfig, TargetConfig, TrainConfig
 from rollouts.sft import SFTTrainingConfig
 
@@ -33,6 +34,17 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-length", type=int, default=1024, help="tokens per example")
     parser.add_argument("--max-steps", type=int, default=0, help="> 0: stop after N steps")
     parser.add_argument("--device", default="", help="cpu or cuda (default: cuda if present)")
+    parser.add_argument(
+        "--mask-mode",
+        default="auto",
+        choices=MASK_MODES,
+        help="how assistant tokens are found (auto: {%% generation %%} tags, else incremental)",
+    )
+    parser.add_argument(
+        "--no-thinking",
+        action="store_true",
+        help="render with enable_thinking=False (Qwen3-style templates)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output")
 
@@ -51,7 +63,13 @@ def quick_sft_config(args: argparse.Namespace) -> TrainConfig:
     bf16 = device == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return TrainConfig(
         model=ModelConfig(name=str(model), dtype="bfloat16" if bf16 else "float32"),
-        data=DataConfig(train_path=args.train, val_path=args.val, max_length=args.max_length),
+        data=DataConfig(
+            train_path=args.train,
+            val_path=args.val,
+            max_length=args.max_length,
+            mask_mode=args.mask_mode,
+            enable_thinking=False if args.no_thinking else None,
+        ),
         sft=SFTTrainingConfig(
             num_epochs=args.epochs,
             max_steps=args.max_steps,

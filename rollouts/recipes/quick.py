@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from rollouts.data import MASK_MODES
-from rollouts.recipes.config import DataConfig, ModelConfig, TargetConfig, TrainConfig
-from rollouts.sft import SFTTrainingConfig
+
+if TYPE_CHECKING:
+    from rollouts.recipes.config import TrainConfig
 
 __all__ = ["add_sft_arguments", "quick_sft_config"]
 
@@ -51,6 +51,13 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
 
 def quick_sft_config(args: argparse.Namespace) -> TrainConfig:
     """The `TrainConfig` of `rollouts sft`; every path is checked before anything is loaded."""
+    # Imported here, not at the top: `rollouts` builds every subcommand's parser, and the config
+    # schema pulls in the orchestrators, which `rollouts plot` does not need.
+    import torch
+
+    from rollouts.recipes.config import DataConfig, ModelConfig, TargetConfig, TrainConfig
+    from rollouts.sft import SFTTrainingConfig
+
     model = Path(args.model)
     if not (model / "config.json").is_file():
         raise FileNotFoundError(

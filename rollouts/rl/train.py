@@ -49,8 +49,8 @@ from rollouts.tasks.episodes import run_episodes
 from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
 from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.errors import BackendFailedError, CallRefusedError, NoWeightedTokensError
-from rollouts.training.loop import CallWindow
+from rollouts.training.errors import BackendFailedError, NoWeightedTokensError
+from rollouts.training.loop import CallWindow, load_newest_sound
 from rollouts.training.losses import (
     IGNORE_INDEX,
     kl_penalty_k3,
@@ -441,18 +441,19 @@ class _RLRun:
     async def resume(self) -> int:
         """Load the newest checkpoint that has RL state; return the step to continue from."""
         checkpoints = self.backend.list_checkpoints()
-        for checkpoint in reversed(checkpoints):
-            state_path = checkpoint.path / RL_STATE_FILE
-            if not state_path.is_file():
-                continue
-            state = json.loads(state_path.read_text())
-            self.check_resumable(state["config"], state_path)
-            try:
-                await self.backend.load_checkpoint(checkpoint.path)
-            except (CallRefusedError, FileNotFoundError) as error:  # nothing was loaded
-                _log.warning("skipping checkpoint %s: %s", checkpoint.path, error)
-                continue
-            return int(state["step"])
+        candidates = (
+            (c.path, json.loads((c.path / RL_STATE_FILE).read_text()))
+            for c in reversed(checkpoints)
+            if (c.path / RL_STATE_FILE).is_file()
+        )
+        loaded = await load_newest_sound(
+            self.backend,
+            candidates,
+            lambda path, state: self.check_resumable(state["config"], path / RL_STATE_FILE),
+            _log,
+        )
+        if loaded is not None:
+            return int(loaded[1]["step"])
         where = checkpoints[-1].path.parent if checkpoints else "the backend's checkpoints"
         raise FileNotFoundError(
             f"resume=True but {where} holds no RL checkpoint that loads (any skipped one is "

@@ -54,10 +54,10 @@ from rollouts.data.sft import SFTDataset
 from rollouts.monitoring.device import device_metrics, mfu_estimator
 from rollouts.monitoring.logging import ProgressBar
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.errors import CallRefusedError
 from rollouts.training.loop import (
     StepResult,
     TrainStep,
+    load_newest_sound,
     run_training_epoch,
     run_validation_epoch,
 )
@@ -483,14 +483,12 @@ class _SFTRun:
         if not candidates:
             _log.info("resume=True but the backend holds no complete checkpoint; starting fresh")
             return None
-        for path in candidates:
-            saved = json.loads((path / SFT_STATE_FILE).read_text())
-            self._check_compatible(saved, path)
-            try:
-                await self.backend.load_checkpoint(path)
-            except (CallRefusedError, FileNotFoundError) as error:  # nothing was loaded
-                _log.warning("skipping checkpoint %s: %s", path, error)
-                continue
+        states = ((path, json.loads((path / SFT_STATE_FILE).read_text())) for path in candidates)
+        loaded = await load_newest_sound(
+            self.backend, states, lambda path, saved: self._check_compatible(saved, path), _log
+        )
+        if loaded is not None:
+            path, saved = loaded
             self.state = _state_from_json(saved)
             if self.rank.is_main:
                 _log.info("resumed from %s at step %d", path, self.state.step)

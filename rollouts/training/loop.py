@@ -18,15 +18,18 @@ queued batches): whatever the config, an orchestrator never overflows the backen
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from rollouts.core.futures import TrainFuture
 from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.errors import CallRefusedError
 from rollouts.training.losses import Batch
 
 __all__ = [
@@ -37,11 +40,13 @@ __all__ = [
     "StepResult",
     "TrainStep",
     "calculate_perplexity",
+    "load_newest_sound",
     "run_training_epoch",
     "run_validation_epoch",
 ]
 
 T = TypeVar("T")
+S = TypeVar("S")
 
 PERPLEXITY_MAX = 1e6
 FORWARD_WINDOW = 8  # validation forwards queued ahead of the one awaited
@@ -215,6 +220,30 @@ async def _finish_step(submitted: _Submitted, last_done_s: float) -> tuple[StepR
         step_time_s=done_s - last_done_s,
     )
     return result, done_s
+
+
+async def load_newest_sound(
+    backend: TrainingBackend,
+    candidates: Iterable[tuple[Path, S]],
+    check: Callable[[Path, S], None],
+    log: logging.Logger,
+) -> tuple[Path, S] | None:
+    """Load the first candidate checkpoint that loads (pass them newest first, each with the
+    loop state read from it, lazily if reading may fail); return it, or None when none does.
+
+    `check(path, state)` runs before each load and raises to stop the resume (a config that no
+    longer matches). A checkpoint the backend refuses (damaged, or missing a file: nothing was
+    loaded) is skipped with a warning naming it; a load that fails after touching the weights
+    stops the backend's stream and is raised."""
+    for path, state in candidates:
+        check(path, state)
+        try:
+            await backend.load_checkpoint(path)
+        except (CallRefusedError, FileNotFoundError) as error:
+            log.warning("skipping checkpoint %s: %s", path, error)
+            continue
+        return path, state
+    return None
 
 
 async def run_validation_epoch(

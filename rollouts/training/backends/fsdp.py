@@ -291,8 +291,13 @@ class FSDPTrainingBackend(QueuedBackend):
         self._agree("verify the checkpoint's checksums", verify_checksums, path, done=nothing)
         # Every check that reads a file ends in an agreement too: a rank refusing on its own
         # would go on to the next call while the others enter dcp.load's collectives.
-        read = partial(self._read_rank_state, path)
-        rank_state = self._agree_all("read the trainer state", read, done=nothing)[rank]
+        loaded: dict[str, Any] = {}  # kept on this rank: only the outcome is gathered
+
+        def read() -> None:
+            loaded.update(self._read_rank_state(path))
+
+        self._agree_all("read the trainer state", read, done=nothing)
+        rank_state = loaded
         self._touch(COLLECTIVES)
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optimizer": optimizer_state}

@@ -43,14 +43,14 @@ def _train(args: argparse.Namespace) -> int:
     import logging
 
     from rollouts.recipes.quick import quick_sft_config
-    from rollouts.recipes.train import load_config, run_config
+    from rollouts.recipes.train import load_config, report_user_errors, run_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.command == "train":
-        run_config(load_config(args.config, args.overrides))
-    else:
-        run_config(quick_sft_config(args))
-    return 0
+        return report_user_errors(
+            lambda: run_config(load_config(args.config, args.overrides)), "rollouts train"
+        )
+    return report_user_errors(lambda: run_config(quick_sft_config(args)), "rollouts sft")
 
 
 if __name__ == "__main__":

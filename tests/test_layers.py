@@ -17,7 +17,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": set(),
     "training": {"core"},
     "inference": {"core"},
-    "tasks": {"core", "inference"},
+    "tasks": {"core", "data", "inference"},
     "sft": {"core", "data", "monitoring", "training"},
     "rl": {"core", "inference", "monitoring", "tasks", "training"},
     "recipes": {"core", "data", "inference", "monitoring", "rl", "sft", "tasks", "training"},

@@ -41,7 +41,7 @@ def test_sft_then_rl_writes_both_stages(tmp_path: Path) -> None:
     out = tmp_path / "run"
     done = run_train(*SHRINK, "--output_dir", str(out))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "validation loss: " in done.stdout and "SFT+RL" in done.stdout, done.stdout
+    assert "validation loss: " in done.stdout and "RL model" in done.stdout, done.stdout
     sft_records = read_jsonl(out / "metrics.jsonl")
     assert max(r["step"] for r in sft_records if "loss" in r) == 30
     rl_records = read_jsonl(out / "rl" / "metrics.jsonl")

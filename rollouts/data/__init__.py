@@ -9,6 +9,7 @@ from rollouts.data.batching import (
     plan_micro_batches,
 )
 from rollouts.data.char_tokenizer import build_char_tokenizer
+from rollouts.data.prompts import ChatPrompt, read_chat_prompts
 from rollouts.data.sft import (
     SFTDataError,
     SFTDataset,
@@ -19,6 +20,7 @@ from rollouts.data.sft import (
 
 __all__ = [
     "MASK_MODES",
+    "ChatPrompt",
     "SFTDataError",
     "SFTDataset",
     "TokenizedExample",
@@ -29,5 +31,6 @@ __all__ = [
     "epoch_order",
     "load_sft_dataset",
     "plan_micro_batches",
+    "read_chat_prompts",
     "tokenize_records",
 ]

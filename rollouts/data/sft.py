@@ -246,13 +246,7 @@ def _read_records(path_or_name: str | Path, split: str) -> tuple[Sequence[Any], 
 
 def _messages_of(record: Any, where: str) -> list[dict[str, str]]:
     """Validate one record; return its messages (prompt/completion become two turns)."""
-    if isinstance(record, str):
-        try:
-            record = json.loads(record)
-        except json.JSONDecodeError as error:
-            raise SFTDataError(f"{where}: not valid JSON ({error}): {record[:80]!r}") from None
-    if not isinstance(record, Mapping):
-        raise SFTDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    record = _parsed_record(record, where)
     if record.get("messages") is not None:
         return _checked_messages(record["messages"], where)
     if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
@@ -267,7 +261,21 @@ def _messages_of(record: Any, where: str) -> list[dict[str, str]]:
     )
 
 
-def _checked_messages(messages: Any, where: str) -> list[dict[str, str]]:
+def _parsed_record(record: Any, where: str) -> Mapping[str, Any]:
+    """A record as a mapping: a JSON line is parsed; anything but an object is refused."""
+    if isinstance(record, str):
+        try:
+            record = json.loads(record)
+        except json.JSONDecodeError as error:
+            raise SFTDataError(f"{where}: not valid JSON ({error}): {record[:80]!r}") from None
+    if not isinstance(record, Mapping):
+        raise SFTDataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    return record
+
+
+def _checked_messages(
+    messages: Any, where: str, *, need_assistant: bool = True
+) -> list[dict[str, str]]:
     if not isinstance(messages, list) or not messages:
         raise SFTDataError(f"{where}: 'messages' must be a non-empty list, got {messages!r:.80}")
     checked = []
@@ -284,7 +292,7 @@ def _checked_messages(messages: Any, where: str) -> list[dict[str, str]]:
                 f"{where}: messages[{turn}].content must be a string, got {type(content).__name__}"
             )
         checked.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in checked):
+    if need_assistant and not any(m["role"] == "assistant" for m in checked):
         raise SFTDataError(f"{where}: no assistant message, so no token to learn from")
     return checked
 

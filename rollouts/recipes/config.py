@@ -74,8 +74,6 @@ class DataConfig:
     enable_thinking: bool | None = None  # passed to the chat template when set (Qwen3-style)
 
     def __post_init__(self) -> None:
-        if not self.train_path:
-            raise ValueError("data.train_path is empty; it must name the training data")
         if self.task not in TASKS:
             raise ValueError(f"data.task={self.task!r}; must be one of {TASKS}")
         if self.accuracy_examples < 1:
@@ -113,7 +111,13 @@ class TargetConfig:
 class RLStageConfig:
     """The RL stage, run after SFT from its final model, on `data.task` with a rollout engine."""
 
-    enabled: bool = False  # run RL after SFT
+    enabled: bool = False  # run RL after SFT (or alone, with skip_sft)
+    # Your reward, "module:function" or "file.py:function": f(prompt, completion) -> float,
+    # scoring completions of the prompts in prompts_path.
+    reward: str = ""
+    # Or your task, "module:Class" (a rollouts.tasks.Task, built with no arguments).
+    task: str = ""
+    prompts_path: str = ""  # rl.reward's training prompts ("" = data.train_path)
     loss: str = "ppo"  # a name in rollouts.training.losses.RL_LOSSES
     kl_coef: float = 0.0  # > 0: a k3 KL penalty toward the reference policy, in the loss
     reference: str = ""  # the reference model ("" = the SFT model this stage starts from)
@@ -143,6 +147,13 @@ class RLStageConfig:
                 raise ValueError(f"rl.{name}={getattr(self, name)}; must be >= 1")
         if self.trainer_threads < 0:
             raise ValueError(f"rl.trainer_threads={self.trainer_threads}; must be >= 0")
+        if self.reward and self.task:
+            raise ValueError(
+                f"rl.reward={self.reward!r} and rl.task={self.task!r}; set one (a task has its "
+                "own reward)"
+            )
+        if self.prompts_path and not self.reward:
+            raise ValueError("rl.prompts_path is read only with rl.reward; set rl.reward too")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -157,9 +168,24 @@ class TrainConfig:
     target: TargetConfig = field(default_factory=TargetConfig)
     output_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, metrics.png go here
     overwrite: bool = False  # a fresh run may clear an output_dir left by an earlier run
+    skip_sft: bool = False  # RL only, from model.name (needs rl.enabled)
 
     def __post_init__(self) -> None:
-        if self.rl.enabled and self.data.task != "addition":
-            raise ValueError("rl.enabled needs a task with a reward: set data.task='addition'")
-        if self.rl.enabled and not self.data.val_path:
-            raise ValueError("rl.enabled needs held-out questions: set data.val_path")
+        rl, data = self.rl, self.data
+        if self.skip_sft and not rl.enabled:
+            raise ValueError("skip_sft leaves nothing to run; set rl.enabled too")
+        needs_train_path = not self.skip_sft or (rl.enabled and not rl.task and not rl.prompts_path)
+        if needs_train_path and not data.train_path:
+            raise ValueError("data.train_path is empty; it must name the training data")
+        if not rl.enabled:
+            return
+        if not (rl.reward or rl.task or data.task == "addition"):
+            raise ValueError(
+                "rl.enabled needs a reward: set rl.reward='module:function', "
+                "rl.task='module:Class', or data.task='addition'"
+            )
+        if not rl.task and not data.val_path:
+            raise ValueError(
+                "rl.enabled needs held-out prompts for its accuracy before and after: set "
+                "data.val_path (or use rl.task, whose eval_prompts() are used)"
+            )

@@ -26,6 +26,8 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,15 @@ from rollouts.recipes.config import RLStageConfig, TrainConfig
 from rollouts.rl import run_rl_training
 from rollouts.sft import count_sft_steps, run_sft_training
 from rollouts.tasks.addition import AdditionTask, read_examples
+from rollouts.tasks.custom import (
+    RewardFunctionTask,
+    load_reward_function,
+    load_task,
+    probe_reward,
+    prompts_from_file,
+)
 from rollouts.tasks.evaluation import evaluate_greedy
+from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training import TrainingBackend
 from rollouts.training.backends import (
     create_fsdp_backend,
@@ -68,7 +78,7 @@ def load_config(config_path: str, overrides: list[str]) -> TrainConfig:
     spec.loader.exec_module(module)
     config = getattr(module, "config", None)
     if not isinstance(config, TrainConfig):
-        raise TypeError(f"{path} must define `config = TrainConfig(...)`, got {type(config)}")
+        raise ValueError(f"{path} must define `config = TrainConfig(...)`, got {type(config)}")
     return tyro.cli(type(config), default=config, args=overrides, prog=f"train.py {path}")
 
 
@@ -168,6 +178,10 @@ async def task_accuracy(config: TrainConfig, engine: Any, tokenizer: Any) -> flo
     return scores["accuracy"]
 
 
+class RunDirectoryInUseError(RuntimeError):
+    """Another live run holds the output directory's lock."""
+
+
 LOCK_FILE = ".run.lock"
 _held_locks: list[Any] = []  # open lock files: the lock lasts as long as this process
 
@@ -183,7 +197,7 @@ def lock_output_dir(output_dir: Path) -> None:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()
-        raise RuntimeError(
+        raise RunDirectoryInUseError(
             f"{output_dir} is in use by a run that is still going ({holder}); wait for it to "
             "finish, or pass another --output_dir"
         ) from None
@@ -251,15 +265,20 @@ def _barrier(world: World | None) -> None:
 async def run(config: TrainConfig, world: World | None) -> None:
     start_s = time.perf_counter()
     is_main = world is None or world.is_main
+    # The user's reward or task is imported and tried first: a misspelled name must not cost an
+    # SFT stage, nor (with --overwrite) the earlier run.
+    rl_task = build_rl_task(config) if config.rl.enabled else None
     output_dir = prepare_output_dir(config) if is_main else Path(config.output_dir)
     _barrier(world)
     tokenizer = build_tokenizer(config)
-    train, val = load_data(config, tokenizer, is_main)
+    train, val = (None, None) if config.skip_sft else load_data(config, tokenizer, is_main)
     model_path = prepare_model_dir(config, tokenizer, output_dir, is_main)
     _barrier(world)
-    await run_sft_stage(config, world, output_dir, tokenizer, model_path, train, val)
-    if config.rl.enabled:
-        await run_rl_stage(config, world, output_dir, tokenizer)
+    if not config.skip_sft:
+        await run_sft_stage(config, world, output_dir, tokenizer, model_path, train, val)
+        model_path = str(output_dir / "final_model")
+    if rl_task is not None:
+        await run_rl_stage(config, world, output_dir, tokenizer, rl_task, model_path)
     if is_main:
         print(f"wall time: {time.perf_counter() - start_s:.1f} s")
 
@@ -312,12 +331,69 @@ async def run_sft_stage(
     _barrier(world)
 
 
+@dataclass(frozen=True)
+class RLTask:
+    """What the RL stage trains on and how its accuracy before and after is measured."""
+
+    task: Task
+    test: list[TaskPrompt]  # the held-out prompts of the before/after comparison
+    test_label: str  # which split that is, for the summary
+    greedy_max_tokens: int  # tokens per greedy answer in that comparison
+
+
+def build_rl_task(config: TrainConfig) -> RLTask:
+    """The RL task the config names: the user's task class, the user's reward over prompt files,
+    or addition. Raises ValueError naming the field on any mistake."""
+    rl, data = config.rl, config.data
+    if rl.task:
+        task = load_task(rl.task)
+        test = (
+            prompts_from_file(rl.test_path, rl.test_examples)
+            if rl.test_path
+            else list(task.eval_prompts())[: rl.test_examples]
+        )
+        label = f"test split ({rl.test_path}" if rl.test_path else f"eval prompts ({rl.task}"
+        rl_task = RLTask(task, test, label, rl.training.max_tokens)
+    elif rl.reward:
+        task = RewardFunctionTask(
+            prompts_from_file(rl.prompts_path or data.train_path),
+            prompts_from_file(data.val_path, rl.training.eval_max_prompts),
+            load_reward_function(rl.reward),
+        )
+        test = prompts_from_file(rl.test_path or data.val_path, rl.test_examples)
+        rl_task = RLTask(task, test, _test_label(config), rl.training.max_tokens)
+    else:
+        task = AdditionTask(
+            read_examples(data.train_path),
+            read_examples(data.val_path, rl.training.eval_max_prompts),
+        )
+        examples = read_examples(rl.test_path or data.val_path, rl.test_examples)
+        test = [e.task_prompt() for e in examples]
+        rl_task = RLTask(task, test, _test_label(config), ACCURACY_MAX_TOKENS)
+    named_by = f"rl.task={rl.task!r}" if rl.task else f"rl.reward={rl.reward!r}"
+    named_by = named_by if rl.task or rl.reward else "data.task='addition'"
+    probe_reward(rl_task.task, rl_task.task.train_prompts()[0], named_by)
+    return rl_task
+
+
+def _test_label(config: TrainConfig) -> str:
+    if config.rl.test_path:
+        return f"test split ({config.rl.test_path}"
+    return f"validation split ({config.data.val_path}"
+
+
 async def run_rl_stage(
-    config: TrainConfig, world: World | None, output_dir: Path, tokenizer: Any
+    config: TrainConfig,
+    world: World | None,
+    output_dir: Path,
+    tokenizer: Any,
+    rl_task: RLTask,
+    start_model: str,
 ) -> None:
-    """RL from the SFT stage's final model; prints held-out accuracy before and after."""
+    """RL from `start_model` (the SFT stage's final model, or model.name with skip_sft); prints
+    held-out accuracy before and after."""
     rl, is_main = config.rl, world is None or world.is_main
-    sft_model, rl_dir = output_dir / "final_model", output_dir / "rl"
+    sft_model, rl_dir = start_model, output_dir / "rl"
     backend = build_backend(
         config,
         str(sft_model),
@@ -344,16 +420,14 @@ async def run_rl_stage(
         mode=rl.engine_mode,
         num_threads=rl.engine_threads,
     )
-    task = AdditionTask(
-        read_examples(config.data.train_path),
-        read_examples(config.data.val_path, rl.training.eval_max_prompts),
-    )
-    test = [
-        e.task_prompt()
-        for e in read_examples(rl.test_path or config.data.val_path, rl.test_examples)
-    ]
+    task, test = rl_task.task, rl_task.test
     logger = JSONLLogger(rl_dir / "metrics.jsonl") if is_main else None
-    greedy = dict(max_tokens=ACCURACY_MAX_TOKENS, success_reward=rl.training.success_reward)
+    greedy = dict(
+        max_tokens=rl_task.greedy_max_tokens,
+        success_reward=rl.training.success_reward,
+        max_turns=rl.training.max_turns,
+        stop=rl.training.stop,
+    )
     try:
         before = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         history = await run_rl_training(
@@ -370,7 +444,7 @@ async def run_rl_stage(
             reference.close()
     if is_main:
         tokenizer.save_pretrained(rl_dir / "final_model")
-        summarize_rl(rl, history, before, after, len(test), plot_metrics(rl_dir))
+        summarize_rl(rl, history, before, after, rl_task, plot_metrics(rl_dir))
     _barrier(world)
 
 
@@ -386,11 +460,11 @@ def rl_trainer_threads(rl: RLStageConfig) -> int:
 
 
 def summarize_rl(
-    rl: RLStageConfig, history: list[dict], before: dict, after: dict, num_test: int, png: Path
+    rl: RLStageConfig, history: list[dict], before: dict, after: dict, rl_task: RLTask, png: Path
 ) -> None:
     steps = [m for m in history if m.get("step", 0) > 0]
     rewards = [m["reward_mean"] for m in steps]
-    split = f"test split ({rl.test_path}" if rl.test_path else "validation split (data.val_path"
+    split, num_test = rl_task.test_label, len(rl_task.test)
     last = steps[-1]
     print(
         f"RL summary: {len(steps)} steps in {last['wall_time_s']:.1f} s, loss {rl.loss}; reward "
@@ -398,8 +472,9 @@ def summarize_rl(
         "the last 5)"
     )
     print(
-        f"RL accuracy (greedy), {split}, {num_test} questions): SFT model "
-        f"{before['accuracy']:.3f} -> SFT+RL model {after['accuracy']:.3f}"
+        f"RL accuracy (greedy), {split}, {num_test} prompts): start model "
+        f"{before['accuracy']:.3f} -> RL model {after['accuracy']:.3f} (reward mean "
+        f"{before['reward_mean']:.3f} -> {after['reward_mean']:.3f})"
     )
     print(
         f"RL time: sampling busy {last['sample_busy_s']:.1f} s, training busy "
@@ -446,13 +521,34 @@ def summarize(
     print(f"plot: {plot_metrics(output_dir)}")
 
 
+# What a user's mistake raises (a bad value, a missing or busy path, a malformed record, a
+# refused rerun): the command prints the message alone, which names the field, file or value.
+USER_ERRORS = (ValueError, OSError, RunDirectoryInUseError)
+TRACEBACK_VARIABLE = "ROLLOUTS_TRACEBACK"
+
+
+def report_user_errors(command: Callable[[], None], prog: str) -> int:
+    """Run `command`; a user error becomes one line on stderr and exit status 2 (set
+    ROLLOUTS_TRACEBACK=1 to get the traceback instead)."""
+    try:
+        command()
+    except USER_ERRORS as error:
+        if os.environ.get(TRACEBACK_VARIABLE):
+            raise
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"({TRACEBACK_VARIABLE}=1 shows where it was raised)", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         print(__doc__)
         raise SystemExit(2)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run_config(load_config(argv[0], argv[1:]))
+    status = report_user_errors(lambda: run_config(load_config(argv[0], argv[1:])), "train.py")
+    raise SystemExit(status)
 
 
 def run_config(config: TrainConfig) -> None:

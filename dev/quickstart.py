@@ -42,6 +42,7 @@ async def train(model_dir: Path, checkpoint_dir: Path) -> None:
         device_type="cpu",
         dtype="float32",
         learning_rate=3e-3,
+        num_threads="auto",  # 1 intra-op thread when other processes keep the cores busy
     )
     generator = torch.Generator().manual_seed(0)
     start_s = time.perf_counter()

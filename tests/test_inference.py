@@ -370,11 +370,19 @@ def test_load_weights_takes_a_weight_update_and_refuses_another_kind(
         assert from_dict.sample(PROMPTS, 1, params).wait() == (
             from_update.sample(PROMPTS, 1, params).wait()
         )
-        adapter = WeightUpdate(tensors=other)
-        # A kind WeightUpdate does not construct yet (the planned "adapter"), forced in.
-        object.__setattr__(adapter, "kind", "adapter")
-        with pytest.raises(ValueError, match=r"kind='adapter'.*only kind 'full'"):
-            from_update.load_weights(adapter, 4)
+        unknown = WeightUpdate(tensors=other)
+        # A kind WeightUpdate does not construct (an in-place GPU transfer, say), forced in.
+        object.__setattr__(unknown, "kind", "nccl")
+        with pytest.raises(ValueError, match=r"kind='nccl'.*only kinds \('full', 'adapter'\)"):
+            from_update.load_weights(unknown, 4)
+        a, b = torch.zeros(2, 5), torch.zeros(7, 2)  # a [7, 5] update for a weight that is not
+        wrong = WeightUpdate(
+            tensors={"lm_head.weight::lora_A": a, "lm_head.weight::lora_B": b},
+            kind="adapter",
+            scales={"lm_head.weight": 1.0},
+        )
+        with pytest.raises(ValueError, match=r"adapter of 'lm_head.weight' makes a \(7, 5\)"):
+            from_update.load_weights(wrong, 4)
         with pytest.raises(TypeError, match="WeightUpdate or a state dict"):
             from_update.load_weights([("x", torch.zeros(1))], 4)  # type: ignore[arg-type]
         assert from_update.weight_version == 3

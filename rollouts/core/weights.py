@@ -6,7 +6,9 @@ it. The `kind` says how to apply it, so the transfer can change without changing
 
 - "full": `tensors` is the whole state dict (CPU copies, never views of live parameters); the
   engine replaces its weights with it. What every backend produces today.
-- "adapter" (planned, for LoRA): only the adapter tensors; the engine keeps its base weights.
+- "adapter" (LoRA): for each adapted base weight `w`, `tensors["w::lora_A"]` [rank, in],
+  `tensors["w::lora_B"]` [out, rank] and `scales[w]`; the engine keeps its base weights and
+  sets W = W_base + scale * B @ A. A few megabytes where the full model is gigabytes.
 - An in-place or NCCL transfer for a GPU engine would be a further kind, carrying a handle
   instead of tensors.
 
@@ -16,13 +18,14 @@ An engine refuses a kind it cannot apply, naming it, rather than guessing.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["WEIGHT_UPDATE_KINDS", "WeightUpdate", "as_weight_update"]
+__all__ = ["ADAPTER_SUFFIXES", "WEIGHT_UPDATE_KINDS", "WeightUpdate", "as_weight_update"]
 
-WEIGHT_UPDATE_KINDS = ("full",)
+WEIGHT_UPDATE_KINDS = ("full", "adapter")
+ADAPTER_SUFFIXES = ("::lora_A", "::lora_B")
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,7 @@ class WeightUpdate:
 
     tensors: Mapping[str, torch.Tensor]
     kind: str = "full"
+    scales: Mapping[str, float] = field(default_factory=dict)  # "adapter": w -> alpha / rank
 
     def __post_init__(self) -> None:
         if self.kind not in WEIGHT_UPDATE_KINDS:
@@ -40,6 +44,34 @@ class WeightUpdate:
         for name, tensor in self.tensors.items():
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"WeightUpdate.tensors[{name!r}] is a {type(tensor).__name__}")
+        if self.kind == "adapter":
+            self._check_adapter()
+        elif self.scales:
+            raise ValueError("WeightUpdate.scales belong to kind 'adapter' only")
+
+    def _check_adapter(self) -> None:
+        expected = {f"{w}{suffix}" for w in self.scales for suffix in ADAPTER_SUFFIXES}
+        if set(self.tensors) != expected:
+            extra, missing = (
+                sorted(set(self.tensors) - expected),
+                sorted(expected - set(self.tensors)),
+            )
+            raise ValueError(
+                f"WeightUpdate(kind='adapter'): tensors must be w::lora_A and w::lora_B for each "
+                f"w of scales; unexpected {extra[:3]}, missing {missing[:3]}"
+            )
+        for weight_name in self.scales:
+            a, b = (self.tensors[f"{weight_name}{s}"] for s in ADAPTER_SUFFIXES)
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"WeightUpdate(kind='adapter'): {weight_name}: lora_A {tuple(a.shape)} and "
+                    f"lora_B {tuple(b.shape)} must be [rank, in] and [out, rank]"
+                )
+
+    def adapter_delta(self, weight_name: str) -> torch.Tensor:
+        """scale * B @ A of one adapted weight [out, in] (kind "adapter")."""
+        a, b = (self.tensors[f"{weight_name}{s}"] for s in ADAPTER_SUFFIXES)
+        return self.scales[weight_name] * (b @ a)
 
     @property
     def num_bytes(self) -> int:

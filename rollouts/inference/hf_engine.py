@@ -3,8 +3,10 @@
 The engine owns a deep copy of the model it is given (it never aliases a trainer's parameters) and
 samples with `rollouts.inference._sampling.generate`: batched, left-padded, over the KV cache, with
 log-probs of the exact distribution sampled from (see `rollouts.inference.protocol`).
-`load_weights(weights, version)` takes a `WeightUpdate` (kind "full"; another kind is refused
-with ValueError naming it) or a plain state dict, and copies the tensors before it returns, so
+`load_weights(weights, version)` takes a `WeightUpdate` (kind "full", or "adapter": a LoRA
+backend's A and B per adapted weight, applied as W = W_base + scale * B @ A with the base kept from
+the first such update; another kind is refused with ValueError naming it) or a plain state dict,
+and copies the tensors before it returns, so
 later changes to the caller's dict or to the trainer's live weights never reach the engine: the
 engine holds a snapshot.
 
@@ -69,7 +71,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -78,7 +80,7 @@ import torch
 from torch import nn
 
 from rollouts.core.futures import TrainFuture
-from rollouts.core.weights import WeightUpdate, as_weight_update
+from rollouts.core.weights import ADAPTER_SUFFIXES, WeightUpdate, as_weight_update
 from rollouts.core.worker import EXIT_CODE_GAVE_UP, QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
 from rollouts.inference._engine_process import ChildProcess, EngineProcessError, EngineTimeoutError
 from rollouts.inference._main_guard import check_main_guard
@@ -104,6 +106,7 @@ START_TIMEOUT_S_DEFAULT = 300.0
 _LABEL_WAIT_S = 10.0
 # How long close() waits for the worker thread once the child that a stuck call used is gone.
 _WORKER_JOIN_TIMEOUT_S = 10.0
+ENGINE_WEIGHT_KINDS = ("full", "adapter")  # the whole state dict; a LoRA adapter's A, B, scale
 _RECOVERY_HINTS = {
     "weights": "load_weights(...) with a full set of weights",
     "engine process": "close() this engine and create a new one",
@@ -120,6 +123,7 @@ class _EngineCore:
     pad_token_id: int
     batch_size_max: int
     weight_version: int
+    base_weights: dict[str, torch.Tensor] = field(default_factory=dict)  # adapted ones only
 
     def sample(
         self, prompts: list[list[int]], num_samples: int, params: SamplingParams, seed: int
@@ -154,6 +158,22 @@ class _EngineCore:
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         # load_state_dict copies into the model's own tensors: nothing of `state_dict` is kept.
         self.model.load_state_dict(state_dict, strict=True)
+        self.base_weights = {}  # these are the new base for later adapter updates
+        self.weight_version = version
+
+    @torch.no_grad()
+    def load_adapter(
+        self, tensors: Mapping[str, torch.Tensor], scales: Mapping[str, float], version: int
+    ) -> None:
+        """Set each adapted weight to W_base + scale * B @ A. The base of a weight is copied
+        once, at its first adapter update, so later updates never compound rounding."""
+        update = WeightUpdate(tensors=tensors, kind="adapter", scales=scales)
+        params = dict(self.model.named_parameters())
+        for name in scales:
+            param = params[name]
+            base = self.base_weights.setdefault(name, param.detach().clone())
+            delta = update.adapter_delta(name).to(device=param.device, dtype=torch.float32)
+            param.copy_((base.float() + delta).to(param.dtype))
         self.weight_version = version
 
     def _decode(self, token_ids: list[int]) -> str:
@@ -261,12 +281,15 @@ class HFRolloutEngine:
         """Queue a copy of `weights` (a `WeightUpdate` of kind "full", or a state dict), taken
         now, labelled `version`; see the module docstring for what a failure does."""
         update = as_weight_update(weights)
-        if update.kind != "full":
+        if update.kind not in ENGINE_WEIGHT_KINDS:
             raise ValueError(
                 f"load_weights: WeightUpdate.kind={update.kind!r}; HFRolloutEngine applies only "
-                "kind 'full' (the whole state dict)"
+                f"kinds {ENGINE_WEIGHT_KINDS}"
             )
-        self._validate_state_dict(update.tensors)
+        if update.kind == "adapter":
+            self._validate_adapter(update)
+        else:
+            self._validate_state_dict(update.tensors)
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"version must be an int, got {version!r}")
         # The snapshot is taken here, before the call returns: mutating the tensors afterwards
@@ -274,6 +297,9 @@ class HFRolloutEngine:
         target = self.device if self.mode == "thread" else torch.device("cpu")
         snapshot = {k: v.detach().to(target, copy=True) for k, v in update.tensors.items()}
         self._version = version
+        if update.kind == "adapter":  # the adapted weights only: it repairs nothing else
+            args = (snapshot, dict(update.scales), version)
+            return self._submit("load_weights", partial(self._load_adapter, args))
         # A full load replaces every tensor, so it also repairs weights a failed load left suspect.
         return self._submit(
             "load_weights", partial(self._load_weights, snapshot, version), recovers=("weights",)
@@ -335,6 +361,13 @@ class HFRolloutEngine:
             return
         self._call_child(label, "load_weights", (snapshot, version))
 
+    def _load_adapter(self, args: tuple[Any, ...], label: str) -> None:
+        self._worker.touch("weights")
+        if self._core is not None:
+            self._core.load_adapter(*args)
+            return
+        self._call_child(label, "load_adapter", args)
+
     def _call_child(self, label: str, op: str, args: tuple[Any, ...]) -> Any:
         assert self._child is not None, "an engine has a core or a child"
         try:
@@ -373,6 +406,17 @@ class HFRolloutEngine:
                 )
             prompt_lists.append(ids)
         return prompt_lists
+
+    def _validate_adapter(self, update: WeightUpdate) -> None:
+        for name in update.scales:
+            a, b = (update.tensors[f"{name}{suffix}"] for suffix in ADAPTER_SUFFIXES)
+            shape = (b.shape[0], a.shape[1])
+            if name not in self._shapes or tuple(self._shapes[name]) != shape:
+                found = tuple(self._shapes[name]) if name in self._shapes else "no such weight"
+                raise ValueError(
+                    f"load_weights: the adapter of {name!r} makes a {shape} update, but the "
+                    f"engine's model has {found}; was the engine built from the backend's base?"
+                )
 
     def _validate_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
         missing = sorted(self._shapes.keys() - state_dict.keys())

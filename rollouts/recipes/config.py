@@ -17,6 +17,7 @@ from rollouts.training.losses import RL_LOSSES
 __all__ = [
     "BACKENDS",
     "DataConfig",
+    "LoRAConfig",
     "ModelConfig",
     "RLStageConfig",
     "TargetConfig",
@@ -80,6 +81,46 @@ class DataConfig:
             raise ValueError(f"data.accuracy_examples={self.accuracy_examples}; must be >= 1")
         if self.mask_mode not in MASK_MODES:
             raise ValueError(f"data.mask_mode={self.mask_mode!r}; must be one of {MASK_MODES}")
+
+
+LORA_STAGES = ("sft", "rl")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+    """LoRA adapters (peft) instead of full fine-tuning; `docs/lora.md`."""
+
+    rank: int = 0  # > 0: train adapters of this rank; 0: the whole model
+    alpha: float = 16.0  # the adapters' scale is alpha / rank
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()  # (): every attention and MLP linear layer
+    lm_head: bool = False  # adapt the LM head too
+    embeddings: bool = False  # adapt the input embedding too
+    stages: tuple[str, ...] = LORA_STAGES  # the stages that train adapters (each exports merged)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank={self.rank}; must be >= 0 (0: no LoRA)")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha={self.alpha}; must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout={self.dropout}; must lie in [0, 1)")
+        unknown = sorted(set(self.stages) - set(LORA_STAGES))
+        if unknown:
+            raise ValueError(f"lora.stages has {unknown}; each must be one of {LORA_STAGES}")
+
+    def options(self, stage: str) -> dict[str, object]:
+        """The factories' LoRA keyword arguments for `stage` (none when it trains everything)."""
+        if not self.rank or stage not in self.stages:
+            return {}
+        return {
+            "lora_rank": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "lora_target_modules": self.target_modules,
+            "lora_lm_head": self.lm_head,
+            "lora_embeddings": self.embeddings,
+        }
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -165,6 +206,7 @@ class TrainConfig:
     data: DataConfig
     sft: SFTTrainingConfig = field(default_factory=SFTTrainingConfig)
     rl: RLStageConfig = field(default_factory=RLStageConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
     output_dir: str = "runs/default"  # metrics.jsonl, checkpoints/, metrics.png go here
     overwrite: bool = False  # a fresh run may clear an output_dir left by an earlier run

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 import tyro
 
+from rollouts.core.threads import AUTO_THREADS
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
 from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
@@ -130,11 +131,12 @@ def build_backend(
     optim: Any,
     num_training_steps: int | None = None,
     loss_fn: LossFn | None = None,
-    num_threads: int | None = None,
+    num_threads: int | str | None = AUTO_THREADS,
+    stage: str = "",
 ) -> TrainingBackend:
     """The backend `target` asks for (Tier 2 factories, which take the same options), with the
-    optimizer settings of `optim` (the sft or rl section) and, given `num_training_steps`, the
-    SFT warmup schedule."""
+    optimizer settings of `optim` (the sft or rl section), given `num_training_steps` the SFT
+    warmup schedule, and LoRA adapters when the lora section names `stage`."""
     target = config.target
     options: dict[str, Any] = dict(
         device_type=target.device_type,
@@ -146,6 +148,7 @@ def build_backend(
         loss_fn=loss_fn,
         max_grad_norm=optim.max_grad_norm,
         num_threads=num_threads,
+        **config.lora.options(stage),
     )
     if num_training_steps is not None:
         options.update(
@@ -295,7 +298,7 @@ async def run_sft_stage(
     is_main = world is None or world.is_main
     num_steps = count_sft_steps(train, config.sft)
     backend = build_backend(
-        config, model_path, output_dir / "checkpoints", world, config.sft, num_steps
+        config, model_path, output_dir / "checkpoints", world, config.sft, num_steps, stage="sft"
     )
     eval_engine = None
     if is_main:  # a thread-mode engine: its own copy of the model, computing on its own thread
@@ -402,6 +405,7 @@ async def run_rl_stage(
         rl,
         loss_fn=make_rl_loss(rl.loss, kl_coef=rl.kl_coef),
         num_threads=rl_trainer_threads(rl),
+        stage="rl",
     )
     reference = None
     if rl.kl_coef > 0:  # the policy the KL penalty pulls toward; it only runs forward

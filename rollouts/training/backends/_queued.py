@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from rollouts.core.futures import TrainFuture
+from rollouts.core.threads import AUTO_THREADS, pick_cpu_threads
 from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAULT, SerialWorker
 from rollouts.training.backends.checkpointing import (
@@ -39,6 +40,7 @@ from rollouts.training.backends.checkpointing import (
     list_checkpoints,
     step_of,
 )
+from rollouts.training.backends.lora import is_lora_model, merged_state_dict
 from rollouts.training.backends.protocol import NORMALIZATIONS, Checkpoint, DataParallel
 from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
 from rollouts.training.errors import (
@@ -80,7 +82,7 @@ class QueuedBackend(ABC):
         max_grad_norm: float | None,
         normalization: str,
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
-        num_threads: int | None = None,
+        num_threads: int | str | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
         data_parallel: DataParallel | None = None,
         recovery_hints: dict[str, str] | None = None,
@@ -167,8 +169,13 @@ class QueuedBackend(ABC):
     def sampler_weights(self) -> TrainFuture[WeightUpdate]:
         return self._worker.submit("sampler_weights", self._sampler_weights)
 
-    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
-        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path)))
+    def export_hf(self, path: str | Path, *, adapter_only: bool = False) -> TrainFuture[Path]:
+        if adapter_only and not is_lora_model(self.model):
+            raise ValueError(
+                "export_hf(adapter_only=True): this backend trains the whole model, so it has no "
+                "adapter to write; build it with lora_rank > 0, or export the full model"
+            )
+        return self._worker.submit("export_hf", lambda: self._export_hf(Path(path), adapter_only))
 
     def close(self) -> None:
         self._worker.close()
@@ -362,24 +369,34 @@ class QueuedBackend(ABC):
     def _sampler_weights(self) -> WeightUpdate: ...
 
     @abstractmethod
-    def _export_hf(self, path: Path) -> Path: ...
+    def _export_hf(self, path: Path, adapter_only: bool) -> Path: ...
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
 
 
-def thread_setup(num_threads: int | None, device: torch.device) -> Callable[[], None] | None:
+def thread_setup(num_threads: int | str | None, device: torch.device) -> Callable[[], None] | None:
     """What the worker thread does first: its intra-op thread count, its current CUDA device.
 
     Both are per thread in torch, so they are set on the worker itself, never on the caller.
+    "auto" times the candidate counts there (`rollouts.core.threads.pick_cpu_threads`).
     """
-    if num_threads is not None and num_threads < 1:
-        raise ValueError(f"num_threads must be None (torch's default) or >= 1, got {num_threads}")
+    if num_threads == AUTO_THREADS:
+        pass
+    elif isinstance(num_threads, bool) or not (
+        num_threads is None or (isinstance(num_threads, int) and num_threads >= 1)
+    ):
+        raise ValueError(
+            f"num_threads must be None (torch's default), 'auto' or an int >= 1, got "
+            f"{num_threads!r}"
+        )
     if num_threads is None and device.type != "cuda":
         return None
 
     def setup() -> None:
-        if num_threads is not None:
+        if num_threads == AUTO_THREADS:
+            torch.set_num_threads(pick_cpu_threads())
+        elif num_threads is not None:
             torch.set_num_threads(num_threads)
         if device.type == "cuda":
             torch.cuda.set_device(device)
@@ -405,12 +422,27 @@ def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def write_hf_directory(
-    path: Path, model: nn.Module, tokenizer: Any | None, **save_kwargs: Any
+    path: Path,
+    model: nn.Module,
+    tokenizer: Any | None,
+    *,
+    adapter_only: bool = False,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """A complete Hugging Face model directory at `path`, atomically: weights, config and
     generation config (`save_pretrained`), and the tokenizer with its chat template when given,
-    so `AutoModelForCausalLM`, `AutoTokenizer` and a pipeline load it on their own."""
+    so `AutoModelForCausalLM`, `AutoTokenizer` and a pipeline load it on their own.
+
+    A LoRA model is written merged (the plain model with W + scale * B @ A), or with
+    `adapter_only` as a PEFT adapter directory (`PeftModel.from_pretrained(base, path)`).
+    `state_dict` (full tensors, the model's own names) replaces the live parameters."""
+    lora = is_lora_model(model)
+    assert lora or not adapter_only, "export_hf refuses adapter_only without LoRA at submission"
+    if lora and not adapter_only:
+        merged = merged_state_dict(model, state_dict)
+        model, state_dict = model.get_base_model(), merged
     save_pretrained = require_save_pretrained(model)
+    save_kwargs = {} if state_dict is None else {"state_dict": state_dict}
     with atomic_directory(path) as tmp_path:
         save_pretrained(tmp_path, **save_kwargs)
         if tokenizer is not None:

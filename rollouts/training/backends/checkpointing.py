@@ -35,6 +35,7 @@ from rollouts.training.errors import CorruptCheckpointError
 
 __all__ = [
     "CHECKSUM_FILE",
+    "TRAINED_ONLY",
     "CorruptCheckpointError",
     "abort_directory",
     "atomic_directory",
@@ -50,6 +51,8 @@ __all__ = [
     "verify_checksums",
     "write_checksums",
 ]
+
+TRAINED_ONLY = "trained"  # meta.json "weights": the model file holds only the trained (LoRA) ones
 
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
 CHECKSUM_FILE = "checksums.json"

@@ -72,6 +72,7 @@ from rollouts.training.backends._queued import (
     write_hf_directory,
 )
 from rollouts.training.backends.checkpointing import (
+    TRAINED_ONLY,
     abort_directory,
     begin_directory,
     capture_rng_state,
@@ -81,6 +82,7 @@ from rollouts.training.backends.checkpointing import (
     verify_checksums,
     write_checksums,
 )
+from rollouts.training.backends.lora import adapter_update, is_lora_model
 from rollouts.training.backends.protocol import DataParallel
 from rollouts.training.backends.pytorch_factory import enable_activation_checkpointing
 from rollouts.training.distributed import World
@@ -175,7 +177,7 @@ class FSDPTrainingBackend(QueuedBackend):
         *,
         normalization: str = "token_mean",
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
-        num_threads: int | None = None,
+        num_threads: int | str | None = None,
         close_timeout_s: float | None = None,
         tokenizer: Any | None = None,
     ) -> None:
@@ -204,6 +206,7 @@ class FSDPTrainingBackend(QueuedBackend):
             tokenizer=tokenizer,
         )
         self.world = world
+        self._trains_subset = any(not p.requires_grad for p in model.parameters())
         _sum_gradients_over_ranks(model)
 
     # -- the pieces of the shared bodies -----------------------------------------------------------
@@ -247,7 +250,9 @@ class FSDPTrainingBackend(QueuedBackend):
         rank 0 renames it into place; each step ends in an agreement (see the module docstring)."""
         (tmp_path, *_) = self._agree("create the checkpoint directory", begin_directory, final_path)
         try:
-            model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+            model_state, optimizer_state = get_state_dict(
+                self.model, self.optimizer, options=self._state_options()
+            )
             self._touch(COLLECTIVES)
             try:
                 dcp.save(
@@ -279,6 +284,7 @@ class FSDPTrainingBackend(QueuedBackend):
                 "optimizer_step": self._step,
                 "backend": "fsdp",
                 "world_size": self.world.world_size,
+                "weights": TRAINED_ONLY if self._trains_subset else "all",
             }
             (tmp_path / META_FILE).write_text(json.dumps(meta, indent=2))
 
@@ -299,7 +305,8 @@ class FSDPTrainingBackend(QueuedBackend):
         self._agree_all("read the trainer state", read, done=nothing)
         rank_state = loaded
         self._touch(COLLECTIVES)
-        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        options = self._state_options()
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer, options=options)
         state = {"model": model_state, "optimizer": optimizer_state}
         dcp.load(state, checkpoint_id=path / DCP_DIR)
         set_state_dict(
@@ -307,6 +314,7 @@ class FSDPTrainingBackend(QueuedBackend):
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
+            options=options,
         )
         if self.scheduler is not None:
             self.scheduler.load_state_dict(rank_state["scheduler"])
@@ -315,6 +323,13 @@ class FSDPTrainingBackend(QueuedBackend):
         self._step = int(rank_state["optimizer_step"])
         return {"step": self._step}
 
+    def _state_options(self) -> StateDictOptions:
+        """A LoRA backend's checkpoints hold the trained weights only (the base is frozen and
+        comes from the model directory); loading them must then leave the base untouched."""
+        if not self._trains_subset:
+            return StateDictOptions()
+        return StateDictOptions(ignore_frozen_params=True, strict=False)
+
     def _read_rank_state(self, path: Path) -> dict[str, Any]:
         meta = json.loads((path / META_FILE).read_text())
         if meta.get("backend") != "fsdp" or meta.get("world_size") != self.world.world_size:
@@ -322,6 +337,13 @@ class FSDPTrainingBackend(QueuedBackend):
                 f"{path / META_FILE}: backend={meta.get('backend')!r}, "
                 f"world_size={meta.get('world_size')}; this job needs an 'fsdp' checkpoint "
                 f"written by {self.world.world_size} ranks (the RNG state is per rank)"
+            )
+        if (meta.get("weights", "all") == TRAINED_ONLY) != self._trains_subset:
+            holds = "only trained (adapter)" if self._trains_subset is False else "all"
+            raise ValueError(
+                f"{path / META_FILE}: the checkpoint holds {holds} weights, but this backend "
+                f"trains {'only some (LoRA)' if self._trains_subset else 'all'}; load it into a "
+                "backend built the same way (same base model, same lora_rank and targets)"
             )
         # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
         rank_state = torch.load(path / _rank_file(self.world.rank), weights_only=False)
@@ -379,20 +401,33 @@ class FSDPTrainingBackend(QueuedBackend):
         }
 
     def _sampler_weights(self) -> WeightUpdate:
-        """Every rank's own full copy on CPU: each rank's rollout engine needs the whole model."""
+        """Every rank's own full copy on CPU: each rank's rollout engine needs the whole model
+        (a LoRA backend's: the adapters alone, gathered)."""
         self._touch(COLLECTIVES)
-        options = StateDictOptions(full_state_dict=True, cpu_offload=False)
+        lora = is_lora_model(self.model)
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=False, ignore_frozen_params=lora
+        )
         full = get_model_state_dict(self.model, options=options)  # gathered on each device
+        if lora:
+            return adapter_update(self.model, full)
         return WeightUpdate(
             tensors={name: tensor.detach().to("cpu", copy=True) for name, tensor in full.items()}
         )
 
-    def _export_hf(self, path: Path) -> Path:
+    def _export_hf(self, path: Path, adapter_only: bool) -> Path:
         require_save_pretrained(self.model)  # before the gather: refuse a model without it
         full_state = self._get_weights()  # collective: every rank takes part
         self._worker.settle()  # from here a failure is agreed on by every rank
         # transformers names the class without the "FSDP" prefix that fully_shard adds.
-        write = partial(write_hf_directory, path, self.model, self.tokenizer, state_dict=full_state)
+        write = partial(
+            write_hf_directory,
+            path,
+            self.model,
+            self.tokenizer,
+            adapter_only=adapter_only,
+            state_dict=full_state,
+        )
         self._agree("write the Hugging Face directory", write, done="nothing was exported")
         return path
 

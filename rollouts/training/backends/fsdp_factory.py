@@ -76,6 +76,7 @@ def create_fsdp_backend(
         model = load_hf_model(
             model_name, parse_dtype(opts.dtype), compute_device_map_single_gpu("cpu", 0)
         )
+    model = opts.with_lora(model)  # before sharding: FSDP2 shards base and adapters per block
     shard_model(
         model,
         world,

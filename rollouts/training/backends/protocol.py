@@ -31,6 +31,7 @@ Results (plain Python values; tensors only where named):
     get_weights      -> {name: Tensor}, a CPU copy of the model's state dict
     export_hf        -> Path of a complete Hugging Face directory: weights, config, generation
                         config, and the backend's tokenizer with its chat template when it has one
+                        (LoRA: merged, or with adapter_only=True the PEFT adapter alone)
     sampler_weights  -> WeightUpdate: what this rank's rollout engine needs (see core.weights)
     discard_gradients -> {"discarded_calls": int}
 
@@ -159,8 +160,9 @@ class TrainingBackend(Protocol):
         never a view): every rank gets its own."""
         ...
 
-    def export_hf(self, path: str | Path) -> TrainFuture[Path]:
-        """Write the full model as a Hugging Face `save_pretrained` directory."""
+    def export_hf(self, path: str | Path, *, adapter_only: bool = False) -> TrainFuture[Path]:
+        """Write the full model as a Hugging Face `save_pretrained` directory (a LoRA model
+        merged); `adapter_only=True` writes a LoRA backend's adapter as a PEFT directory."""
         ...
 
     def close(self) -> None:

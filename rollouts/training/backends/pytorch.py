@@ -24,6 +24,7 @@ from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import CLOSE_TIMEOUT_S_DEFAULT, QUEUE_DEPTH_MAX_DEFAULT
 from rollouts.training.backends._queued import QueuedBackend, write_hf_directory
 from rollouts.training.backends.checkpointing import (
+    TRAINED_ONLY,
     atomic_directory,
     capture_rng_state,
     restore_rng_state,
@@ -31,6 +32,7 @@ from rollouts.training.backends.checkpointing import (
     verify_checksums,
     write_checksums,
 )
+from rollouts.training.backends.lora import adapter_update, is_lora_model
 from rollouts.training.losses import LossFn
 
 __all__ = ["PyTorchTrainingBackend", "validate_device"]
@@ -44,7 +46,8 @@ class PyTorchTrainingBackend(QueuedBackend):
     `max_grad_norm=None` disables clipping (the norm is still reported). `autocast_dtype`
     (bfloat16 or float16) runs the forward under `torch.autocast`; float16 adds a gradient scaler.
     Without it, the model computes in its own dtype. `num_threads` sets the worker thread's
-    intra-op thread count (None: torch's default), e.g. 1 to leave a core to a rollout engine.
+    intra-op thread count (None: torch's default; "auto": the count that runs fastest when the
+    worker starts, see `rollouts.core.threads`), e.g. 1 to leave a core to a rollout engine.
     `queue_depth_max` bounds the calls pending at once; `close_timeout_s` how long `close()` and
     interpreter exit wait for them. `tokenizer`, when given, is written by `export_hf` beside the
     weights (the factories pass the model directory's own).
@@ -63,7 +66,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         normalization: str = "token_mean",
         autocast_dtype: torch.dtype | None = None,
         queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT,
-        num_threads: int | None = None,
+        num_threads: int | str | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
         tokenizer: Any | None = None,
     ) -> None:
@@ -126,13 +129,19 @@ class PyTorchTrainingBackend(QueuedBackend):
     # -- checkpoints and weights -------------------------------------------------------------------
 
     def _write_checkpoint(self, final_path: Path) -> None:
+        trained = self._trained_subset()
         with atomic_directory(final_path) as tmp_path:
-            safetensors.torch.save_model(self.model, str(tmp_path / "model.safetensors"))
+            if trained is None:
+                safetensors.torch.save_model(self.model, str(tmp_path / "model.safetensors"))
+            else:  # frozen weights (a LoRA base) come from the model directory, not from here
+                on_cpu = {name: t.to("cpu").contiguous() for name, t in trained.items()}
+                safetensors.torch.save_file(on_cpu, str(tmp_path / "model.safetensors"))
             torch.save(self._trainer_state(), tmp_path / "trainer_state.pt")
             meta = {
                 "step": step_of(final_path),
                 "optimizer_step": self._step,
                 "backend": "pytorch",
+                "weights": "all" if trained is None else TRAINED_ONLY,
             }
             (tmp_path / "meta.json").write_text(json.dumps(meta, indent=2))
             write_checksums(tmp_path)
@@ -155,15 +164,22 @@ class PyTorchTrainingBackend(QueuedBackend):
         # Our own file, holding NumPy RNG state, hence weights_only=False: load trusted paths only.
         # On CPU: the RNG states must stay CPU tensors; the optimizer moves its own state to the
         # parameters' device in load_state_dict.
+        saved = self._read_trained_weights(path, model_file)  # None: a whole-model file
         state = torch.load(state_file, map_location="cpu", weights_only=False)
         _check_same_presence("scheduler", state["scheduler"], self.scheduler, state_file)
         _check_same_presence("gradient scaler", state["scaler"], self._scaler, state_file)
         self._touch("weights")  # from here a failure leaves a half-loaded model
-        missing, unexpected = safetensors.torch.load_model(
-            self.model, str(model_file), device=str(self.device), strict=False
-        )
-        if missing or unexpected:
-            raise ValueError(f"{model_file} does not match the model: {missing=} {unexpected=}")
+        if saved is not None:
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    if name in saved:
+                        param.copy_(saved[name])
+        else:
+            missing, unexpected = safetensors.torch.load_model(
+                self.model, str(model_file), device=str(self.device), strict=False
+            )
+            if missing or unexpected:
+                raise ValueError(f"{model_file} does not match the model: {missing=} {unexpected=}")
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -174,6 +190,34 @@ class PyTorchTrainingBackend(QueuedBackend):
         self._step = int(state["optimizer_step"])
         return {"step": self._step}
 
+    def _read_trained_weights(self, path: Path, model_file: Path) -> dict[str, torch.Tensor] | None:
+        """A LoRA checkpoint's trained weights, checked against this backend's; None for a
+        whole-model checkpoint. Either kind refused, naming it, by a backend of the other."""
+        trained_only = _saved_weights(path) == TRAINED_ONLY
+        trained = self._trained_subset()
+        if trained_only != (trained is not None):
+            holds = "only the trained (adapter) weights" if trained_only else "the whole model"
+            trains = "the whole model" if trained is None else "only some weights (LoRA)"
+            raise ValueError(
+                f"{path} holds {holds}, but this backend trains {trains}; load it into a backend "
+                "built the same way (same base model, same lora_rank and targets)"
+            )
+        if trained is None:
+            return None
+        saved = safetensors.torch.load_file(str(model_file), device="cpu")
+        if set(saved) != set(trained) or any(saved[n].shape != trained[n].shape for n in trained):
+            raise ValueError(
+                f"{model_file} holds other trained weights than this backend's (LoRA rank or "
+                f"targets differ?): e.g. {sorted(set(saved) ^ set(trained))[:3]}"
+            )
+        return saved
+
+    def _trained_subset(self) -> dict[str, torch.Tensor] | None:
+        """The trained parameters by name when some are frozen (LoRA), else None (all train)."""
+        named = dict(self.model.named_parameters())
+        trained = {name: p.detach() for name, p in named.items() if p.requires_grad}
+        return None if len(trained) == len(named) else trained
+
     def _get_weights(self) -> dict[str, torch.Tensor]:
         return {
             name: tensor.detach().to("cpu", copy=True)
@@ -181,10 +225,12 @@ class PyTorchTrainingBackend(QueuedBackend):
         }
 
     def _sampler_weights(self) -> WeightUpdate:
+        if is_lora_model(self.model):  # the engine keeps its base weights; only adapters travel
+            return adapter_update(self.model)
         return WeightUpdate(tensors=self._get_weights())
 
-    def _export_hf(self, path: Path) -> Path:
-        return write_hf_directory(path, self.model, self.tokenizer)
+    def _export_hf(self, path: Path, adapter_only: bool) -> Path:
+        return write_hf_directory(path, self.model, self.tokenizer, adapter_only=adapter_only)
 
 
 # -- pure pieces -----------------------------------------------------------------------------------
@@ -213,6 +259,13 @@ def validate_device(device: str | torch.device) -> torch.device:
     if parsed.type not in ("cpu", "cuda", "mps"):
         raise ValueError(f"device {str(parsed)!r}: must be 'cpu', 'cuda[:N]' or 'mps'")
     return parsed
+
+
+def _saved_weights(path: Path) -> str:
+    """What a checkpoint's model file holds: "all", or TRAINED_ONLY (older ones: "all")."""
+    meta_file = path / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return str(meta.get("weights", "all"))
 
 
 def _check_same_presence(name: str, saved: object, live: object, path: Path) -> None:

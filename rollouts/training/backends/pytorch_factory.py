@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
+from rollouts.training.backends.lora import apply_lora, require_peft
 from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend, validate_device
 from rollouts.training.losses import LossFn, cross_entropy_loss
@@ -281,8 +282,17 @@ class BackendOptions:
     decay_style: str = "cosine"  # after warmup: "cosine", "linear" or "constant"
     min_lr_ratio: float = 0.1  # the final learning rate as a fraction of the peak
     activation_checkpointing: bool = False  # recompute each block's activations in backward
-    num_threads: int | None = None  # the backend worker's intra-op threads (None: torch's)
+    # The backend worker's intra-op threads: None (torch's), "auto" (timed when the worker
+    # starts: 1 on a box others keep busy, all cores on a quiet one), or a count.
+    num_threads: int | str | None = None
     queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT  # calls pending at once, at most
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft); 0: the whole model
+    lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = ()  # (): every attention and MLP linear layer
+    lora_lm_head: bool = False  # adapt the LM head too
+    lora_embeddings: bool = False  # adapt the input embedding too
+    lora_init_seed: int = 0  # seeds the adapters' random A (alike on every rank), not the run
 
     def __post_init__(self) -> None:
         parse_dtype(self.dtype)
@@ -306,6 +316,26 @@ class BackendOptions:
         if schedule is not None:
             validate_schedule(*schedule)
         self._check_optimizer_fields()
+        self._check_lora_fields()
+
+    def _check_lora_fields(self) -> None:
+        rank = self.lora_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ValueError(f"Invalid lora_rank: {rank!r}. Must be an int >= 0 (0: no LoRA)")
+        if rank == 0:
+            asked = [
+                name
+                for name in ("lora_target_modules", "lora_lm_head", "lora_embeddings")
+                if getattr(self, name)
+            ]
+            if asked:
+                raise ValueError(f"{asked} set, but lora_rank=0 (no LoRA); set lora_rank > 0")
+            return
+        if not self.lora_alpha > 0:
+            raise ValueError(f"Invalid lora_alpha: {self.lora_alpha}. Must be > 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"Invalid lora_dropout: {self.lora_dropout}. Must lie in [0, 1)")
+        require_peft()  # before any model is loaded
 
     def _check_optimizer_fields(self) -> None:
         # The same rules as create_adamw_optimizer, checked before a model is loaded.
@@ -317,8 +347,11 @@ class BackendOptions:
             raise ValueError(f"Invalid weight_decay: {self.weight_decay}. Must be >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"Invalid max_grad_norm: {self.max_grad_norm}. Must be > 0 or None")
-        if self.num_threads is not None and self.num_threads < 1:
-            raise ValueError(f"Invalid num_threads: {self.num_threads}. Must be None or >= 1")
+        threads = self.num_threads
+        if threads not in (None, "auto") and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"Invalid num_threads: {threads!r}. Must be None, 'auto' or >= 1")
         if self.queue_depth_max < 1:
             raise ValueError(f"Invalid queue_depth_max: {self.queue_depth_max}. Must be >= 1")
 
@@ -346,6 +379,25 @@ class BackendOptions:
             "queue_depth_max": self.queue_depth_max,
             "num_threads": self.num_threads,
         }
+
+    def with_lora(self, model: nn.Module) -> nn.Module:
+        """The model with LoRA adapters (Tier 1 `apply_lora`) when lora_rank > 0, else itself."""
+        if not self.lora_rank:
+            return model
+        devices = sorted({p.device.index for p in model.parameters() if p.device.type == "cuda"})
+        # The adapters' A come from this seed, on every rank alike, and the caller's own random
+        # stream (data order, dropout) is left where it was.
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.lora_init_seed)
+            return apply_lora(
+                model,
+                rank=self.lora_rank,
+                alpha=self.lora_alpha,
+                dropout=self.lora_dropout,
+                target_modules=self.lora_target_modules or None,
+                lm_head=self.lora_lm_head,
+                embeddings=self.lora_embeddings,
+            )
 
     def compute_dtype(self) -> torch.dtype | None:
         return parse_dtype(self.mixed_precision) if self.mixed_precision else None
@@ -394,6 +446,7 @@ def create_pytorch_backend(
     device_map = compute_device_map_single_gpu(opts.device_type, gpu_rank)
     device = validate_device(f"cuda:{gpu_rank}" if opts.device_type == "cuda" else opts.device_type)
     model = load_hf_model(model_name, parse_dtype(opts.dtype), device_map).to(device)
+    model = opts.with_lora(model)
     if opts.activation_checkpointing:
         enable_activation_checkpointing(model)
     optimizer, scheduler = opts.optimizer_and_scheduler(model)

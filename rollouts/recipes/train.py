@@ -313,7 +313,8 @@ async def run_sft_stage(
             if accuracy_before is not None:
                 logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
         result = await run_sft_training(backend, train, config.sft, eval_data=val, logger=logger)
-        weights = await backend.get_weights()  # every rank takes part; rank 0 gets them
+        # What a rollout engine takes (a LoRA backend's: its adapters); every rank takes part.
+        weights = await backend.sampler_weights()
         if is_main:
             await eval_engine.load_weights(weights, 1)
             accuracy_after = await task_accuracy(config, eval_engine, tokenizer)

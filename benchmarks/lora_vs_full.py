@@ -7,6 +7,8 @@ configs (hidden 128, 4 layers) and a SmolLM2-135M-shaped Llama (hidden 576, 30 l
 and MLP linear layer) from `create_pytorch_backend` train `--steps` steps on the same random
 batches after one warm-up step (median step time), save one checkpoint, and hand their weights to
 a thread-mode rollout engine (`sampler_weights()` then `load_weights`, median of `--syncs`).
+It also times one engine sampling with the adapters merged into plain weights against one running
+PEFT's adapter layers (the choice `HFRolloutEngine` makes: merge).
 The two backends alternate per step, so machine noise hits both alike.
 
     python benchmarks/lora_vs_full.py [--steps 5] [--rank 16] [--batch 2] [--length 64]
@@ -16,6 +18,7 @@ The two backends alternate per step, so machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -25,8 +28,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from rollouts.data.char_tokenizer import build_char_tokenizer
-from rollouts.inference import HFRolloutEngine
+from rollouts.inference import HFRolloutEngine, SamplingParams
 from rollouts.training.backends import create_pytorch_backend
+from rollouts.training.backends.lora import merged_state_dict
 
 MODELS = {
     "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4,
@@ -60,6 +64,31 @@ def _sync_s(backend, engine: HFRolloutEngine, syncs: int) -> tuple[float, int]:
     return statistics.median(times), num_bytes
 
 
+def _sampling_s(model: torch.nn.Module, tokenizer: object, vocab: int, repeats: int) -> float:
+    """Median seconds of one sampling call (8 prompts x 4 samples x 16 tokens)."""
+    prompts = [[(7 * i + j) % vocab for j in range(12)] for i in range(8)]
+    params = SamplingParams(max_tokens=16, temperature=1.0, seed=0)
+    times = []
+    with HFRolloutEngine(model, tokenizer, mode="thread", num_threads=None) as engine:
+        for _ in range(repeats + 1):
+            start_s = time.perf_counter()
+            engine.sample(prompts, 4, params).wait(600)
+            times.append(time.perf_counter() - start_s)
+    return statistics.median(times[1:])  # the first call warms up
+
+
+def compare_sampling(backend, model_dir: Path, tokenizer: object, vocab: int, repeats: int) -> None:
+    """How an engine should apply adapters: merged into plain weights, or as PEFT layers."""
+    merged = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    merged.load_state_dict(merged_state_dict(backend.model))
+    merged_s = _sampling_s(merged, tokenizer, vocab, repeats)
+    peft_s = _sampling_s(copy.deepcopy(backend.model).eval(), tokenizer, vocab, repeats)
+    print(
+        f"  sampling (8 x 4 x 16 tokens): merged weights {merged_s:.3f} s, PEFT layers "
+        f"{peft_s:.3f} s, PEFT/merged {peft_s / merged_s:.2f}"
+    )
+
+
 def compare(name: str, args: argparse.Namespace, tmp: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(max_position_embeddings=max(64, args.length), **MODELS[name])
@@ -84,6 +113,8 @@ def compare(name: str, args: argparse.Namespace, tmp: Path) -> None:
                 step_s[kind].append(time.perf_counter() - start_s)
     figures: dict[str, dict[str, float]] = {}
     tokenizer = build_char_tokenizer()
+    print(f"\n{name} (lora rank {args.rank}, batch {args.batch} x {args.length} tokens):")
+    compare_sampling(backends["lora"], model_dir, tokenizer, config.vocab_size, args.syncs)
     for kind, backend in backends.items():
         path = backend.save_checkpoint(1).wait(600)
         base = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -100,7 +131,6 @@ def compare(name: str, args: argparse.Namespace, tmp: Path) -> None:
             "weight-sync time (s)": sync_s,
         }
         backend.close()
-    print(f"\n{name} (lora rank {args.rank}, batch {args.batch} x {args.length} tokens):")
     for figure in figures["full"]:
         full, lora = figures["full"][figure], figures["lora"][figure]
         print(

@@ -227,3 +227,24 @@ def test_lora_options_are_checked_before_loading(model_dir, tmp_path) -> None:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     with pytest.raises(ValueError, match="target_modules"):
         apply_lora(model, rank=2, target_modules=["no_such_layer"])
+
+
+def test_a_tied_model_exports_merged_and_refuses_an_adapted_head(tmp_path) -> None:
+    """SmolLM2-style tied embeddings: the merged export reloads (tied again) to the same logits."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                         tie_word_embeddings=True)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "tied")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(4))
+    with lora_backend(tmp_path / "tied", tmp_path / "ckpt", lora_embeddings=True) as backend:
+        run_steps(backend, batches(2))
+        expected = _logits_by_forward(backend, ids)
+        exported = backend.export_hf(tmp_path / "merged").wait(60)
+    merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
+    assert merged.config.tie_word_embeddings is False, "the merged embedding left the head"
+    got = torch.log_softmax(merged(input_ids=ids).logits, -1)
+    got = got.gather(-1, torch.roll(ids, -1, dims=1).unsqueeze(-1)).squeeze(-1)
+    torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="shares its weight with the input embedding"):
+        lora_backend(tmp_path / "tied", tmp_path / "x", lora_lm_head=True)

@@ -182,3 +182,22 @@ def test_every_subcommand_prints_its_help(capsys) -> None:
         except SystemExit as done:
             assert done.code == 0, command
         assert "usage: rollouts" in capsys.readouterr().out
+
+
+def test_the_lora_config_trains_and_syncs_adapters_in_both_stages(tmp_path: Path) -> None:
+    config_02 = CONFIG_01.parent / "02_debug_sft_rl_lora.py"
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, str(TRAIN), str(config_02), *SHRINK, "--output_dir", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    for checkpoint in (out / "checkpoints" / "step_00000030", out / "rl" / "checkpoints" /
+                       "step_00000004"):  # fmt: skip
+        assert json.loads((checkpoint / "meta.json").read_text())["weights"] == "trained"
+    merged = load_hf_model(out / "rl" / "final_model", torch.float32, None)
+    assert not any("lora" in name for name in merged.state_dict()), "exported merged"
+    full_bytes = sum(t.numel() * t.element_size() for t in merged.state_dict().values())
+    steps = [r for r in read_jsonl(out / "rl" / "metrics.jsonl") if r["step"] > 0]
+    # Rank 32 of 128 on every linear layer, the head and the embedding: about half the bytes.
+    assert all(0 < r["weight_sync_bytes"] < 0.75 * full_bytes for r in steps)

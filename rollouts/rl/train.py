@@ -25,6 +25,7 @@ import math
 import os
 import random
 import statistics
+import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -188,6 +189,7 @@ class _RLRun:
         self.version_changed: anyio.Event | None = None
         self.progress: ProgressBar | None = None
         self.push_futures: list[Any] = []
+        self.last_sync: dict[str, float] = {}  # the latest push_weights: bytes and seconds
         self.history: list[dict[str, Any]] = []
 
     # -- data --
@@ -238,8 +240,15 @@ class _RLRun:
 
     async def push_weights(self, version: int) -> None:
         """Queue the trainer's weights on the engine; later samples see them (FIFO per engine)."""
+        start_s = time.perf_counter()
         update = await self.backend.sampler_weights()  # this rank's engine's share (all of it)
         self.push_futures.append(self.engine.load_weights(update, version))
+        # What one sync moves (a LoRA backend's adapters only) and the trainer-side time of it:
+        # the gather and the engine's snapshot copy, not the engine applying it in its queue.
+        self.last_sync = {
+            "weight_sync_bytes": update.num_bytes,
+            "weight_sync_s": time.perf_counter() - start_s,
+        }
         self.pushed_version = version
         if self.version_changed is not None:
             self.version_changed.set()
@@ -384,6 +393,7 @@ class _RLRun:
         generated = sum(t.num_generated_tokens for g in rollout.groups for t in g.trajectories)
         await self.train_on(groups, metrics)  # with no tokens anywhere the weights stay put
         await self.push_weights(step + 1)
+        metrics.update(self.last_sync)
         metrics.update(self.timing(rollout, generated, start_s))
         if self.should_eval(step + 1):
             metrics.update(await self.evaluate())

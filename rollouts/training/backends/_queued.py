@@ -19,6 +19,7 @@ slice sum, added up by the sharded reduction). "sum" leaves the weighted sum unn
 
 from __future__ import annotations
 
+import json
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -40,7 +41,7 @@ from rollouts.training.backends.checkpointing import (
     list_checkpoints,
     step_of,
 )
-from rollouts.training.backends.lora import is_lora_model, merged_state_dict
+from rollouts.training.backends.lora import is_lora_model, merged_state_dict, unties_the_head
 from rollouts.training.backends.protocol import NORMALIZATIONS, Checkpoint, DataParallel
 from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
 from rollouts.training.errors import (
@@ -438,13 +439,20 @@ def write_hf_directory(
     `state_dict` (full tensors, the model's own names) replaces the live parameters."""
     lora = is_lora_model(model)
     assert lora or not adapter_only, "export_hf refuses adapter_only without LoRA at submission"
+    untie = False
     if lora and not adapter_only:
         merged = merged_state_dict(model, state_dict)
+        untie = unties_the_head(model)
         model, state_dict = model.get_base_model(), merged
     save_pretrained = require_save_pretrained(model)
     save_kwargs = {} if state_dict is None else {"state_dict": state_dict}
     with atomic_directory(path) as tmp_path:
         save_pretrained(tmp_path, **save_kwargs)
+        if untie:  # the merged embedding differs from the head the adapter left as it was
+            config_file = tmp_path / "config.json"
+            config = json.loads(config_file.read_text())
+            config["tie_word_embeddings"] = False
+            config_file.write_text(json.dumps(config, indent=2))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp_path)
     return path

@@ -19,6 +19,7 @@ PEFT is an optional dependency: `pip install "rollouts[lora]"`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -35,6 +36,7 @@ __all__ = [
     "lora_target_modules",
     "merged_state_dict",
     "require_peft",
+    "unties_the_head",
 ]
 
 PEFT_INSTALL_HINT = (
@@ -104,10 +106,16 @@ def apply_lora(
     peft = require_peft()
     if is_lora_model(model):
         raise ValueError("apply_lora: the model already has LoRA adapters")
+    config = getattr(model, "config", None)
+    if lm_head and getattr(config, "tie_word_embeddings", False):
+        raise ValueError(
+            "lora_lm_head=True, but this model's LM head shares its weight with the input "
+            "embedding (tie_word_embeddings): adapt the embedding (lora_embeddings=True) instead"
+        )
     targets = list(target_modules) if target_modules else None
     if targets is None:
         targets = lora_target_modules(model, lm_head=lm_head, embeddings=embeddings)
-    config = peft.LoraConfig(
+    lora_config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=dropout,
@@ -115,7 +123,9 @@ def apply_lora(
         task_type="CAUSAL_LM",
     )
     try:
-        return peft.get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft asks transformers a deprecated question; not ours
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return peft.get_peft_model(model, lora_config)
     except ValueError as error:  # e.g. a target name that matches no module
         raise ValueError(f"apply_lora(target_modules={targets}): {error}") from None
 
@@ -170,6 +180,16 @@ def merged_state_dict(
             base.dtype
         )
     return merged
+
+
+def unties_the_head(model: nn.Module) -> bool:
+    """Whether merging changes a tied input embedding but not the LM head that shared it: the
+    merged model then needs `tie_word_embeddings=False` (in training the head kept the base)."""
+    config = getattr(model, "config", None)
+    if not getattr(config, "tie_word_embeddings", False):
+        return False
+    embedding = model.get_input_embeddings()
+    return any(layer is embedding for _, layer in _lora_layers(model))
 
 
 def base_name(peft_name: str) -> str:

@@ -329,6 +329,25 @@ def test_num_threads_applies_to_the_worker_thread_only(
     assert torch.get_num_threads() == caller_threads
     with pytest.raises(ValueError, match="num_threads must be None"):
         build_backend(tiny_model_dir, tmp_path, num_threads=0)
+    with pytest.raises(ValueError, match=r"'auto' or an int >= 1, got 'many'"):
+        build_backend(tiny_model_dir, tmp_path, num_threads="many")
+
+
+def test_auto_threads_picks_a_count_on_the_worker_and_leaves_the_caller(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    from rollouts.core.threads import pick_cpu_threads
+
+    caller_threads = torch.get_num_threads()
+    assert 1 <= pick_cpu_threads() <= caller_threads
+    assert pick_cpu_threads(max_threads=1) == 1
+    assert torch.get_num_threads() == caller_threads, "the probe restores the count"
+    with build_backend(tiny_model_dir, tmp_path, num_threads="auto") as backend:
+        chosen = backend._worker.submit("probe", torch.get_num_threads).wait()
+        assert 1 <= chosen <= caller_threads
+        backend.forward_backward(make_batch(0))
+        assert backend.optim_step().wait()["step"] == 1
+    assert torch.get_num_threads() == caller_threads
 
 
 def test_rl_batches_get_the_trainers_logprobs_from_forward_backward(

@@ -131,6 +131,8 @@ def test_a_bad_dtype_or_device_is_refused_before_any_work(tmp_path: Path, capsys
         ("--model.dtype", "float64", "model.dtype='float64'"),
         ("--target.device_type", "gpu", "target.device_type='gpu'"),
         ("--data.mask_mode", "guess", "data.mask_mode='guess'"),
+        ("--target.threads", "many", "target.threads='many'"),
+        ("--lora.rank", "-2", "lora.rank=-2"),
     ]:
         try:
             _config(train, tmp_path / "x", flag, value)

@@ -132,6 +132,15 @@ class TargetConfig:
     # under fsdp each rank takes cuda:LOCAL_RANK from torchrun instead
     backend: str = "pytorch"  # "pytorch" (one device) or "fsdp" (sharded over torchrun's ranks)
     mixed_precision: str = ""  # compute dtype, e.g. "bfloat16"; "" = model.dtype
+    # The SFT trainer's intra-op threads on CPU: "auto" (timed when it starts: 1 on a box other
+    # processes keep busy), "torch" (torch's default: every core) or a count such as "2".
+    threads: str = "auto"
+
+    def num_threads(self) -> int | str | None:
+        """`threads` as the factories' `num_threads` option."""
+        if self.threads == "torch":
+            return None
+        return self.threads if self.threads == "auto" else int(self.threads)
 
     def __post_init__(self) -> None:
         if self.device_type not in DEVICE_TYPES:
@@ -144,6 +153,12 @@ class TargetConfig:
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"target.backend={self.backend!r}; must be one of {BACKENDS}")
+        if self.threads not in ("auto", "torch") and not (
+            self.threads.isdigit() and int(self.threads) >= 1
+        ):
+            raise ValueError(
+                f"target.threads={self.threads!r}; must be 'auto', 'torch' or a count >= 1"
+            )
         if not self.gpu_ranks or any(rank < 0 for rank in self.gpu_ranks):
             raise ValueError(f"target.gpu_ranks={self.gpu_ranks}; non-empty, each >= 0")
 

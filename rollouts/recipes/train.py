@@ -34,7 +34,6 @@ from typing import Any
 import torch
 import tyro
 
-from rollouts.core.threads import AUTO_THREADS
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
 from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
@@ -131,7 +130,7 @@ def build_backend(
     optim: Any,
     num_training_steps: int | None = None,
     loss_fn: LossFn | None = None,
-    num_threads: int | str | None = AUTO_THREADS,
+    num_threads: int | str | None = None,
     stage: str = "",
 ) -> TrainingBackend:
     """The backend `target` asks for (Tier 2 factories, which take the same options), with the
@@ -298,7 +297,14 @@ async def run_sft_stage(
     is_main = world is None or world.is_main
     num_steps = count_sft_steps(train, config.sft)
     backend = build_backend(
-        config, model_path, output_dir / "checkpoints", world, config.sft, num_steps, stage="sft"
+        config,
+        model_path,
+        output_dir / "checkpoints",
+        world,
+        config.sft,
+        num_steps,
+        num_threads=config.target.num_threads(),
+        stage="sft",
     )
     eval_engine = None
     if is_main:  # a thread-mode engine: its own copy of the model, computing on its own thread

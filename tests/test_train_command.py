@@ -203,3 +203,16 @@ def test_the_lora_config_trains_and_syncs_adapters_in_both_stages(tmp_path: Path
     steps = [r for r in read_jsonl(out / "rl" / "metrics.jsonl") if r["step"] > 0]
     # Rank 32 of 128 on every linear layer, the head and the embedding: about half the bytes.
     assert all(0 < r["weight_sync_bytes"] < 0.75 * full_bytes for r in steps)
+
+
+def test_auto_threads_are_timed_once_per_run_and_reused_on_resume(tmp_path: Path) -> None:
+    train = _train_module()
+    out = tmp_path / "run"
+    out.mkdir()
+    chosen = train.sft_trainer_threads(_config(train, out), out, None)
+    assert 1 <= chosen <= torch.get_num_threads()
+    assert json.loads((out / train.THREADS_FILE).read_text()) == {"sft_trainer_threads": chosen}
+    (out / train.THREADS_FILE).write_text(json.dumps({"sft_trainer_threads": 7}))
+    resumed = _config(train, out, "--sft.resume")
+    assert train.sft_trainer_threads(resumed, out, None) == 7, "a resume rounds like its run"
+    assert train.sft_trainer_threads(_config(train, out, "--target.threads", "3"), out, None) == 3

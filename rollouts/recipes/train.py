@@ -20,11 +20,13 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import importlib.util
+import json
 import logging
 import os
 import shutil
 import statistics
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 import tyro
 
+from rollouts.core.threads import AUTO_THREADS, pick_cpu_threads
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
 from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
@@ -230,7 +233,15 @@ def prepare_output_dir(config: TrainConfig) -> Path:
                 f"{output_dir} holds an earlier run; pass --sft.resume to continue it, "
                 "--overwrite to replace it, or another --output_dir"
             )
-        names = ("checkpoints", "metrics.jsonl", "metrics.png", "final_model", "init_model", "rl")
+        names = (
+            "checkpoints",
+            "metrics.jsonl",
+            "metrics.png",
+            "final_model",
+            "init_model",
+            "rl",
+            THREADS_FILE,
+        )
         for name in names:
             target = output_dir / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
@@ -303,7 +314,7 @@ async def run_sft_stage(
         world,
         config.sft,
         num_steps,
-        num_threads=config.target.num_threads(),
+        num_threads=sft_trainer_threads(config, output_dir, world),
         stage="sft",
     )
     eval_engine = None
@@ -457,6 +468,29 @@ async def run_rl_stage(
         tokenizer.save_pretrained(rl_dir / "final_model")
         summarize_rl(rl, history, before, after, rl_task, plot_metrics(rl_dir))
     _barrier(world)
+
+
+THREADS_FILE = "threads.json"  # the SFT trainer's thread count, as the run chose it
+
+
+def sft_trainer_threads(config: TrainConfig, output_dir: Path, world: World | None) -> Any:
+    """`target.threads` for the SFT backend. "auto" on one device is timed once per run (on a
+    helper thread, so the main thread grows no OpenMP team) and recorded in the output directory;
+    a resumed run reuses the record, so it rounds like the run it continues and a resume stays
+    bit-identical. Under FSDP every rank times its own (`num_threads="auto"`)."""
+    threads = config.target.num_threads()
+    if threads != AUTO_THREADS or world is not None:
+        return threads
+    record = output_dir / THREADS_FILE
+    if config.sft.resume and record.is_file():
+        return int(json.loads(record.read_text())["sft_trainer_threads"])
+    chosen: list[int] = []
+    probe = threading.Thread(target=lambda: chosen.append(pick_cpu_threads()), daemon=True)
+    probe.start()
+    probe.join(timeout=60)
+    count = chosen[0] if chosen else None  # None: torch's default, if the probe could not finish
+    record.write_text(json.dumps({"sft_trainer_threads": count}))
+    return count
 
 
 def rl_trainer_threads(rl: RLStageConfig) -> int:

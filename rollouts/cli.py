@@ -2,6 +2,7 @@
 
 rollouts train CONFIG.py [--section.field value ...]   # a run as a config file says
 rollouts sft --model DIR --train FILE [--val FILE]      # fine-tune on your data, no config file
+rollouts lr-find CONFIG.py [--steps N] [overrides]     # sweep the learning rate, suggest one
 rollouts plot RUN_DIR [RUN_DIR ...] [--out PNG]   # a run's metrics.jsonl -> a PNG of its
                                                   # curves; several runs are overlaid
 """
@@ -24,6 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     from rollouts.recipes.quick import add_sft_arguments
 
     add_sft_arguments(commands.add_parser("sft", help="fine-tune a local model on chat data"))
+    lr_find = commands.add_parser(
+        "lr-find", help="sweep the learning rate on a config's model and data; suggest one"
+    )
+    lr_find.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
+    lr_find.add_argument(
+        "overrides", nargs=argparse.REMAINDER,
+        help="--steps N --min-lr X --max-lr Y, and --section.field value ...",
+    )  # fmt: skip
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(
         "runs", type=Path, nargs="+", help="run directories holding metrics.jsonl, or the files"
@@ -32,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         return _train(args)
+    if args.command == "lr-find":
+        from rollouts.recipes.lr_find import lr_find_command
+        from rollouts.recipes.train import report_user_errors
+
+        return report_user_errors(
+            lambda: lr_find_command(args.config, args.overrides), "rollouts lr-find"
+        )
     if args.command == "plot":
         from rollouts.monitoring.logging import plot_metrics
 

@@ -266,3 +266,24 @@ def test_both_factories_show_the_same_options_with_the_same_defaults() -> None:
     for name in shared:
         assert sharded[name].default == single[name].default, name
     assert set(sharded) - set(single) == {"world", "cpu_offload"}
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_activation_checkpointing_on_one_device_trains_alike(
+    tiny_model_dir: Path, tmp_path: Path, lora_rank: int
+) -> None:
+    """Recomputing each block's activations in backward changes memory, not the numbers."""
+    losses = {}
+    for checkpointing in (False, True):
+        backend = create_pytorch_backend(
+            tiny_model_dir, tmp_path / str(checkpointing), device_type="cpu", learning_rate=1e-3,
+            activation_checkpointing=checkpointing, lora_rank=lora_rank, num_threads=1,
+        )  # fmt: skip
+        with backend:
+            losses[checkpointing] = []
+            for step in range(3):
+                result = backend.forward_backward(make_batch(step)).wait(60)
+                losses[checkpointing].append((result["loss"], backend.optim_step().wait(60)))
+    for (loss, stepped), (loss_ckpt, stepped_ckpt) in zip(losses[False], losses[True], strict=True):
+        assert loss_ckpt == pytest.approx(loss, rel=1e-6)
+        assert stepped_ckpt["grad_norm"] == pytest.approx(stepped["grad_norm"], rel=1e-5)

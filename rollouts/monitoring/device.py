@@ -1,7 +1,7 @@
 """Per-step device figures for training logs: memory in use and an MFU estimate.
 
-Memory: the CUDA allocator's peak since the run started (`cuda_peak_mb`) on a CUDA backend, the
-process's resident set size (`rss_mb`) otherwise.
+Memory: the process's resident set size (`rss_mb`), and on a CUDA backend the allocator's
+allocated, reserved and peak bytes (`cuda_allocated_mb`, `cuda_reserved_mb`, `cuda_peak_mb`).
 
 MFU (model FLOPs utilisation) = achieved FLOP/s / the device's peak FLOP/s, with the usual
 6 x parameters FLOPs per trained token (forward 2N, backward 4N; attention's own FLOPs left out,
@@ -32,10 +32,15 @@ PEAK_BF16_FLOPS_PER_S: dict[str, float] = {
 
 
 def device_metrics(device: torch.device) -> dict[str, float]:
-    """{"cuda_peak_mb": ...} on a CUDA device, else {"rss_mb": ...} of this process."""
+    """Memory now, in MiB: this process's resident set (`rss_mb`), and on a CUDA device the
+    allocator's tensors (`cuda_allocated_mb`), its cached blocks (`cuda_reserved_mb`) and its
+    peak since the run started (`cuda_peak_mb`)."""
+    figures = {"rss_mb": psutil.Process().memory_info().rss / 2**20}
     if device.type == "cuda" and torch.cuda.is_initialized():
-        return {"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
-    return {"rss_mb": psutil.Process().memory_info().rss / 2**20}
+        figures["cuda_allocated_mb"] = torch.cuda.memory_allocated(device) / 2**20
+        figures["cuda_reserved_mb"] = torch.cuda.memory_reserved(device) / 2**20
+        figures["cuda_peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return figures
 
 
 def mfu_estimator(

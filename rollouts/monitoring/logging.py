@@ -60,7 +60,7 @@ PLOT_PANELS: dict[str, tuple[str, ...]] = {
     "clip fraction": ("clip_fraction",),
     "time per step (s)": ("sample_time_s", "train_time_s"),
     "sampling and training at once": ("overlap_frac",),
-    "memory (MB)": ("rss_mb", "cuda_peak_mb"),
+    "memory (MB)": ("rss_mb", "cuda_allocated_mb", "cuda_reserved_mb", "cuda_peak_mb"),
 }
 
 

@@ -38,6 +38,7 @@ import torch
 
 from rollouts.inference import RolloutEngine, SamplingParams
 from rollouts.monitoring.clock import ActivityClock
+from rollouts.monitoring.device import device_metrics
 from rollouts.monitoring.logging import ProgressBar
 from rollouts.rl.batching import (
     Group,
@@ -51,6 +52,7 @@ from rollouts.tasks.evaluation import evaluate_greedy, make_envs, mean_or_nan
 from rollouts.tasks.protocol import Task, TaskPrompt
 from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.errors import BackendFailedError, NoWeightedTokensError
+from rollouts.training.hooks import HookRunner
 from rollouts.training.loop import CallWindow, load_newest_sound
 from rollouts.training.losses import (
     IGNORE_INDEX,
@@ -162,9 +164,11 @@ class _RLRun:
         logger: Any,
         tokenizer: Any,
         reference: TrainingBackend | None = None,
+        hooks: HookRunner | None = None,
     ) -> None:
         self.backend, self.engine, self.task, self.config = backend, engine, task, config
         self.logger, self.tokenizer, self.reference = logger, tokenizer, reference
+        self.hooks = hooks or HookRunner()
         self.train_prompts: Sequence[TaskPrompt] = task.train_prompts()
         self.eval_prompts = list(task.eval_prompts())[: config.eval_max_prompts]
         if not self.train_prompts:
@@ -395,10 +399,17 @@ class _RLRun:
         await self.push_weights(step + 1)
         metrics.update(self.last_sync)
         metrics.update(self.timing(rollout, generated, start_s))
+        metrics.update(device_metrics(self.backend.device))
         if self.should_eval(step + 1):
-            metrics.update(await self.evaluate())
-        if self.should_checkpoint(step + 1):
+            evaluation = await self.evaluate()
+            metrics.update(evaluation)
+            if evaluation:  # rank 0 only: the evaluation runs there
+                self.hooks.call("eval", {"step": step + 1, **evaluation})
+        self.hooks.call("step", metrics)
+        if self.should_checkpoint(step + 1) or self.hooks.stop_requested:
             await self.save(step + 1)
+        if self.hooks.stop_requested:
+            metrics["stop_reason"] = self.hooks.result_reason()
         self.log(metrics)
         return metrics
 
@@ -447,6 +458,7 @@ class _RLRun:
         tmp_path = state_path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(state, indent=2))
         os.replace(tmp_path, state_path)  # the state appears whole, after its checkpoint
+        self.hooks.call("checkpoint", {"step": version, "path": path, "reasons": ["rl"]})
 
     async def resume(self) -> int:
         """Load the newest checkpoint that has RL state; return the step to continue from."""
@@ -500,6 +512,7 @@ async def run_rl_training(
     logger: Any = None,
     tokenizer: Any = None,
     reference: TrainingBackend | None = None,
+    hooks: Sequence[Any] = (),
 ) -> list[dict[str, Any]]:
     """Train `backend` on `task` with samples from `engine`; return the per-step metrics.
 
@@ -507,7 +520,11 @@ async def run_rl_training(
     `log(dict)`, such as `JSONLLogger`. `reference` is a backend holding the reference policy
     (the starting weights, or a checkpoint of them): when given, every batch gets its
     `reference_logprobs`, which a loss built with `kl_coef > 0` needs, and the metrics get
-    `kl_reference`. It only runs `forward`. Works under asyncio and trio.
+    `kl_reference`. It only runs `forward`. `hooks` are called at each step, evaluation and
+    checkpoint (`rollouts.training.hooks`); when one stops the run, its last step's metrics carry
+    `stop_reason` and a checkpoint is saved there. With a sharded backend evaluations run on rank
+    0, so only step hooks (called on every rank with the same figures) may stop a sharded run.
+    Works under asyncio and trio.
     """
     tokenizer = tokenizer if tokenizer is not None else getattr(engine, "tokenizer", None)
     if tokenizer is None:
@@ -517,7 +534,7 @@ async def run_rl_training(
             f"the reference backend runs on ranks {reference.data_parallel}, the trained one on "
             f"{backend.data_parallel}; build both the same way"
         )
-    run = _RLRun(backend, engine, task, config, logger, tokenizer, reference)
+    run = _RLRun(backend, engine, task, config, logger, tokenizer, reference, HookRunner(hooks))
     run.version_changed = anyio.Event()
     start_step = await run.resume() if config.resume else 0
     show = config.progress_bar and run.rank == 0
@@ -531,6 +548,8 @@ async def run_rl_training(
         else:
             for step in range(start_step, config.num_steps):
                 await run.train_step(await run.sample_step(step))
+                if run.hooks.stop_requested:
+                    break
         await run.drain_pushes()
     except BackendFailedError as error:
         # A call skipped because an earlier one failed (a weight push to an engine that died,
@@ -570,6 +589,9 @@ async def _run_async(run: _RLRun, start_step: int) -> None:
                         break
                     assert rollout.step == step, "rollouts arrive in step order"
                     await run.train_step(rollout)
+                    if run.hooks.stop_requested:
+                        task_group.cancel_scope.cancel()  # the producer's sampling ahead too
+                        break
     except BaseExceptionGroup as group:
         # One failure (a dead engine, a refused call) cancels the other task: raise it alone,
         # so the caller sees the error that ended the run, not a group around it.

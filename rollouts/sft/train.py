@@ -36,7 +36,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,7 @@ from rollouts.data.sft import SFTDataset
 from rollouts.monitoring.device import device_metrics, mfu_estimator
 from rollouts.monitoring.logging import ProgressBar
 from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.hooks import HookRunner
 from rollouts.training.loop import (
     StepResult,
     TrainStep,
@@ -68,6 +69,7 @@ __all__ = [
     "SFTTrainingConfig",
     "count_sft_steps",
     "run_sft_training",
+    "sft_train_steps",
 ]
 
 SFT_STATE_FILE = "sft_state.json"
@@ -152,7 +154,7 @@ class SFTResult:
     """How a run ended."""
 
     final_step: int
-    stop_reason: str  # "completed" or "early_stopping"
+    stop_reason: str  # "completed", "early_stopping" or "hook: <the hook's reason>"
     last_train_loss: float
     best_val_loss: float  # inf when never evaluated
     best_checkpoint: Path | None
@@ -225,6 +227,20 @@ class _StepStream:
         )
 
 
+def sft_train_steps(
+    data: SFTDataset, config: SFTTrainingConfig, data_parallel: Any = None
+) -> Iterator[TrainStep]:
+    """The training steps `run_sft_training` would take from the start (epochs cycle without
+    end), this rank's rows of each: for tools that drive a backend with the same batches, such
+    as the learning-rate finder."""
+    rank = _Rank(rank=data_parallel.rank, size=data_parallel.size) if data_parallel else _Rank()
+    stream = _StepStream(data, config, _Cursor(), rank)
+    index = 1
+    while True:
+        yield from stream.take(1, index)
+        index += 1
+
+
 @dataclass(frozen=True)
 class _Rank:
     """This process's place among the ranks of a sharded backend (0 of 1 on one device).
@@ -276,9 +292,11 @@ async def run_sft_training(
     config: SFTTrainingConfig,
     eval_data: SFTDataset | None = None,
     logger: Any | None = None,
+    hooks: Sequence[Any] = (),
 ) -> SFTResult:
-    """Train `backend` on `train_data`; see the module docstring. Works under asyncio and trio."""
-    run = _SFTRun(backend, train_data, config, eval_data, logger)
+    """Train `backend` on `train_data`; see the module docstring. Works under asyncio and trio.
+    `hooks` are called at each step, evaluation and checkpoint (`rollouts.training.hooks`)."""
+    run = _SFTRun(backend, train_data, config, eval_data, logger, HookRunner(hooks))
     return await run.run()
 
 
@@ -292,9 +310,10 @@ class _SFTRun:
         config: SFTTrainingConfig,
         eval_data: SFTDataset | None,
         logger: Any | None,
+        hooks: HookRunner,
     ) -> None:
         self.backend, self.data, self.config = backend, train_data, config
-        self.eval_data, self.logger = eval_data, logger
+        self.eval_data, self.logger, self.hooks = eval_data, logger, hooks
         self.total_steps = count_sft_steps(train_data, config)
         self.state = _RunState()
         self.evals: list[dict[str, Any]] = []
@@ -316,15 +335,19 @@ class _SFTRun:
         show_bar = self.config.progress_bar and self.rank.is_main
         self.progress = ProgressBar(self.total_steps, self.state.step, show_bar, log=_log)
         try:
-            while self.state.step < self.total_steps:
+            while self.state.step < self.total_steps and not self.hooks.stop_requested:
                 num_steps = self._steps_to_next_boundary()
-                steps = stream.take(num_steps, self.state.step + 1)
+                steps = self._until_a_hook_stops(stream.take(num_steps, self.state.step + 1))
                 first_step = self.state.step
                 await run_training_epoch(self.backend, steps, self._on_step)
-                assert self.state.step == first_step + num_steps, "every queued step must finish"
+                assert self.hooks.stop_requested or self.state.step == first_step + num_steps, (
+                    "every queued step must finish"
+                )
                 if await self._at_boundary():
                     stop_reason = "early_stopping"
                     break
+            if self.hooks.stop_requested:
+                stop_reason = self.hooks.result_reason()
         finally:
             self.progress.close()
         final_checkpoint = self._finish(stop_reason)
@@ -340,6 +363,13 @@ class _SFTRun:
         )
 
     # -- boundaries: evaluation, early stopping, checkpoints -------------------------------------
+
+    def _until_a_hook_stops(self, steps: Iterator[TrainStep]) -> Iterator[TrainStep]:
+        """`steps` until a hook asks to stop (the step already queued still finishes)."""
+        for step in steps:
+            if self.hooks.stop_requested:
+                return
+            yield step
 
     def _steps_to_next_boundary(self) -> int:
         step, remaining = self.state.step, self.total_steps - self.state.step
@@ -364,7 +394,7 @@ class _SFTRun:
         if config.save_every_steps and step % config.save_every_steps == 0:
             reasons.append("periodic")
             self.state.periodic_steps.append(step)
-        if config.save_final and (is_last or stop):
+        if config.save_final and (is_last or stop or self.hooks.stop_requested):
             reasons.append("final")
         if reasons:
             await self._save(reasons)
@@ -401,6 +431,11 @@ class _SFTRun:
         )
         if self.rank.is_main:  # the metrics are global: one line per job, not per rank
             _log.info("step %d: val_loss %.4f", self.state.step, metrics["loss"])
+        self.hooks.call(
+            "eval",
+            {"step": self.state.step, "val_loss": metrics["loss"],
+             "val_perplexity": metrics["perplexity"], "best_val_loss": self.state.best_val_loss},
+        )  # fmt: skip
         return improved and self.state.step > 0
 
     async def _save(self, reasons: list[str]) -> Path:
@@ -415,6 +450,7 @@ class _SFTRun:
                  "reasons": reasons}
             )  # fmt: skip
             self._prune()
+        self.hooks.call("checkpoint", {"step": self.state.step, "path": path, "reasons": reasons})
         return path
 
     def _prune(self) -> None:
@@ -460,6 +496,7 @@ class _SFTRun:
             if self.mfu is not None:
                 record["mfu"] = self.mfu(record["tokens_per_s"])
             self._log(record)
+        self.hooks.call("step", {"step": step, "epoch": epoch, **result.metrics()})
         self.progress.update(
             step,
             {"loss": result.loss, "lr": result.lr, "tokens/s": result.metrics()["tokens_per_s"]},

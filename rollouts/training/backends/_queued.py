@@ -146,8 +146,15 @@ class QueuedBackend(ABC):
         values_checked = self._check_batch(batch, "forward")
         return self._worker.submit("forward", lambda: self._forward(batch, values_checked))
 
-    def optim_step(self) -> TrainFuture[dict[str, Any]]:
-        return self._worker.submit("optim_step", self._optim_step)
+    def optim_step(self, *, learning_rate: float | None = None) -> TrainFuture[dict[str, Any]]:
+        if learning_rate is not None and (
+            isinstance(learning_rate, bool)
+            or not isinstance(learning_rate, int | float)
+            or not math.isfinite(learning_rate)
+            or learning_rate <= 0
+        ):
+            raise ValueError(f"optim_step(learning_rate={learning_rate!r}); must be a number > 0")
+        return self._worker.submit("optim_step", lambda: self._optim_step(learning_rate))
 
     def discard_gradients(self) -> TrainFuture[dict[str, Any]]:
         return self._worker.submit(
@@ -233,7 +240,7 @@ class QueuedBackend(ABC):
         stats["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
         return stats
 
-    def _optim_step(self) -> dict[str, Any]:
+    def _optim_step(self, learning_rate: float | None = None) -> dict[str, Any]:
         scale = self._normalisation_scale()
         self._touch(GRADIENTS)
         grad_norm = self._clip_gradients(scale)
@@ -245,9 +252,18 @@ class QueuedBackend(ABC):
                 "applied, the step's gradients were discarded and the weights are those of the "
                 "last good step"
             )
-        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses
+        groups = self.optimizer.param_groups
+        scheduled = [group["lr"] for group in groups]
+        lr = float(scheduled[0] if learning_rate is None else learning_rate)  # this step's rate
         self._touch(WEIGHTS)
-        skipped = self._step_optimizer() is False
+        try:
+            if learning_rate is not None:
+                for group in groups:
+                    group["lr"] = learning_rate
+            skipped = self._step_optimizer() is False
+        finally:  # the override is this step's only; the schedule goes on from its own rates
+            for group, rate in zip(groups, scheduled, strict=True):
+                group["lr"] = rate
         if not skipped:
             if self.scheduler is not None:
                 self.scheduler.step()

@@ -122,8 +122,9 @@ class TrainingBackend(Protocol):
         """Forward and loss without gradients; also returns per-token label log-probs."""
         ...
 
-    def optim_step(self) -> TrainFuture[dict[str, Any]]:
-        """Normalise, clip, step the optimizer and scheduler, zero the gradients."""
+    def optim_step(self, *, learning_rate: float | None = None) -> TrainFuture[dict[str, Any]]:
+        """Normalise, clip, step the optimizer and scheduler, zero the gradients. `learning_rate`
+        replaces the scheduled rate for this step only (a learning-rate sweep, say)."""
         ...
 
     def discard_gradients(self) -> TrainFuture[dict[str, Any]]:

@@ -137,7 +137,12 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
             f"activation_checkpointing=True, but {type(model).__name__} is not a Hugging Face "
             "model that supports gradient checkpointing"
         )
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:  # transformers >= 5.2x; gradient_checkpointing_enable is deprecated
+        enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def create_adamw_optimizer(

@@ -1,0 +1,150 @@
+"""A learning-rate finder: an exponential sweep through the backend, then everything put back.
+
+    result = await find_learning_rate(backend, sft_train_steps(data, config), num_steps=100)
+    result.suggestion, plot_lr_find(result, "lr_find.png")
+
+Step i of `num_steps` trains one optimizer step at min_lr * (max_lr / min_lr) ** (i / (n - 1))
+(through `optim_step(learning_rate=...)`, so the backend's schedule is untouched). The sweep
+stops early when the loss diverges: non-finite, a refused non-finite gradient, or an
+exponentially smoothed loss above `diverge_factor` times its lowest. Before the sweep the backend
+saves a checkpoint at its current step, and afterwards loads it and deletes it, so weights,
+optimizer and scheduler state, RNG and step count are as they were.
+
+The suggestion (a documented rule, one of several in use): one tenth of the rate at which the
+smoothed loss was lowest. The lowest point is where the rate starts to hurt; a tenth of it is
+still on the steep, stable part of the curve.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rollouts.training.backends.protocol import TrainingBackend
+from rollouts.training.errors import NonFiniteGradientError
+from rollouts.training.loop import TrainStep
+
+__all__ = ["LRFindResult", "find_learning_rate", "plot_lr_find"]
+
+SUGGESTION_FRACTION = 0.1  # of the rate at the smoothed loss's minimum
+
+
+@dataclass(frozen=True)
+class LRFindResult:
+    """The sweep's curve and what it suggests."""
+
+    learning_rates: list[float]
+    losses: list[float]  # each step's training loss (token-weighted mean)
+    smoothed_losses: list[float]  # exponentially smoothed, bias-corrected
+    min_loss_lr: float  # the rate at the smoothed minimum
+    suggestion: float  # SUGGESTION_FRACTION * min_loss_lr
+    stop_reason: str  # "completed", "diverged" or "out of data"
+
+
+async def find_learning_rate(
+    backend: TrainingBackend,
+    steps: Iterable[TrainStep],
+    *,
+    min_lr: float = 1e-7,
+    max_lr: float = 1.0,
+    num_steps: int = 100,
+    smoothing: float = 0.9,
+    diverge_factor: float = 4.0,
+) -> LRFindResult:
+    """Sweep the learning rate over `num_steps` steps of `steps`; see the module docstring."""
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"min_lr={min_lr}, max_lr={max_lr}; need 0 < min_lr < max_lr")
+    if num_steps < 2:
+        raise ValueError(f"num_steps={num_steps}; a sweep needs at least 2 steps")
+    if not 0 <= smoothing < 1 or not diverge_factor > 1:
+        raise ValueError("need 0 <= smoothing < 1 and diverge_factor > 1")
+    start_step = backend.step
+    if backend.find_checkpoint(start_step) is not None:
+        raise ValueError(
+            f"{backend.find_checkpoint(start_step).path} exists: the finder saves (and then "
+            f"deletes) a checkpoint at the backend's step {start_step}; use a backend whose "
+            "checkpoint directory has none there"
+        )
+    rates = [min_lr * (max_lr / min_lr) ** (i / (num_steps - 1)) for i in range(num_steps)]
+    saved = await backend.save_checkpoint(start_step)
+    try:
+        curve = await _sweep(backend, steps, rates, smoothing, diverge_factor)
+    finally:
+        await backend.load_checkpoint(saved)
+        backend.delete_checkpoint(start_step)
+    losses, smoothed, stop_reason = curve
+    if not smoothed:
+        raise ValueError("the sweep finished no step: pass steps with weighted tokens")
+    best = min(range(len(smoothed)), key=smoothed.__getitem__)
+    return LRFindResult(
+        learning_rates=rates[: len(losses)],
+        losses=losses,
+        smoothed_losses=smoothed,
+        min_loss_lr=rates[best],
+        suggestion=SUGGESTION_FRACTION * rates[best],
+        stop_reason=stop_reason,
+    )
+
+
+async def _sweep(
+    backend: TrainingBackend,
+    steps: Iterable[TrainStep],
+    rates: list[float],
+    smoothing: float,
+    diverge_factor: float,
+) -> tuple[list[float], list[float], str]:
+    losses: list[float] = []
+    smoothed: list[float] = []
+    average = 0.0
+    iterator = iter(steps)
+    for index, rate in enumerate(rates):
+        step = next(iterator, None)
+        if step is None:
+            return losses, smoothed, "out of data"
+        futures = [backend.forward_backward(batch) for batch in step.micro_batches]
+        stepped = backend.optim_step(learning_rate=rate)
+        results = [await future for future in futures]
+        try:
+            await stepped
+        except NonFiniteGradientError:
+            return losses, smoothed, "diverged"
+        weight = sum(float(r["token_weight"]) for r in results)
+        loss = sum(float(r["loss"]) * float(r["token_weight"]) for r in results) / max(
+            weight, 1e-12
+        )
+        if not math.isfinite(loss):
+            return losses, smoothed, "diverged"
+        average = smoothing * average + (1 - smoothing) * loss
+        losses.append(loss)
+        smoothed.append(average / (1 - smoothing ** (index + 1)))
+        if smoothed[-1] > diverge_factor * min(smoothed):
+            return losses, smoothed, "diverged"
+    return losses, smoothed, "completed"
+
+
+def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:
+    """Loss (raw and smoothed) against the learning rate, log scale, with the suggestion."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.plot(result.learning_rates, result.losses, alpha=0.35, label="loss")
+    axes.plot(result.learning_rates, result.smoothed_losses, label="smoothed loss")
+    axes.axvline(result.suggestion, color="tab:green", linestyle="--",
+                 label=f"suggestion {result.suggestion:.2e}")  # fmt: skip
+    axes.axvline(result.min_loss_lr, color="tab:red", linestyle=":",
+                 label=f"smoothed minimum {result.min_loss_lr:.2e}")  # fmt: skip
+    axes.set_xscale("log")
+    axes.set_xlabel("learning rate")
+    axes.set_ylabel("training loss")
+    axes.set_title(f"learning-rate sweep ({len(result.losses)} steps, {result.stop_reason})")
+    axes.legend()
+    figure.tight_layout()
+    out = Path(path)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

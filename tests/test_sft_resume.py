@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from _sft_helpers import ListLogger, make_model_dir, resume_run
 
+from rollouts.sft.train import SFT_STATE_FILE
 from rollouts.training.backends import list_checkpoints
 
 KILL_AFTER_STEP = 8  # the child has checkpointed step 6 (every 3) once step 7 is logged
@@ -49,10 +50,17 @@ async def test_sigkill_then_resume_reproduces_the_uninterrupted_losses(tmp_path:
     checkpoints = [int(p.name.split("_")[1]) for p in list_checkpoints(killed_dir / "checkpoints")]
     assert checkpoints and max(checkpoints) < 24, f"the kill must land mid-run: {checkpoints}"
 
+    # The newest checkpoint with its loop state: a kill between the backend's save and the
+    # sft_state.json after it leaves a newer directory without one, which resume skips.
+    complete = [
+        int(p.name.split("_")[1])
+        for p in list_checkpoints(killed_dir / "checkpoints")
+        if (p / SFT_STATE_FILE).is_file()
+    ]
     resumed = ListLogger()
     result = await resume_run(killed_dir, model_dir, True, resumed)
     resume_step = int(result.resumed_from.name.split("_")[1])
-    assert resume_step == max(checkpoints) and result.final_step == 24
+    assert resume_step == max(complete) and result.final_step == 24
 
     uninterrupted = ListLogger()
     await resume_run(tmp_path / "uninterrupted", model_dir, False, uninterrupted)

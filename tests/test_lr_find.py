@@ -5,6 +5,7 @@ afterwards, divergence stopping the sweep, and `rollouts lr-find` end to end."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -90,7 +91,13 @@ def test_the_sweep_follows_its_rule_and_puts_the_backend_back(tmp_path) -> None:
         smoothed.append(average / (1 - 0.9 ** (i + 1)))
     assert result.smoothed_losses == pytest.approx(smoothed)
     best = smoothed.index(min(smoothed))
-    assert result.suggestion == pytest.approx(0.1 * rates[best])
+    assert result.min_loss_lr == pytest.approx(rates[best])
+    slopes = {  # d smoothed / d log(rate), by hand, before the minimum
+        i: (smoothed[i + 1] - smoothed[i - 1]) / math.log(rates[i + 1] / rates[i - 1])
+        for i in range(1, best)
+    }
+    steepest = min(slopes, key=slopes.get) if slopes else best
+    assert result.suggestion == pytest.approx(rates[steepest])
 
 
 def test_a_diverging_sweep_stops_early_and_a_checkpoint_in_the_way_is_refused(tmp_path) -> None:

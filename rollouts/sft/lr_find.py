@@ -10,9 +10,12 @@ exponentially smoothed loss above `diverge_factor` times its lowest. Before the 
 saves a checkpoint at its current step, and afterwards loads it and deletes it, so weights,
 optimizer and scheduler state, RNG and step count are as they were.
 
-The suggestion (a documented rule, one of several in use): one tenth of the rate at which the
-smoothed loss was lowest. The lowest point is where the rate starts to hurt; a tenth of it is
-still on the steep, stable part of the curve.
+The suggestion (a documented rule, one of several in use): the rate where the smoothed loss falls
+fastest per unit of log rate (central differences), at or before its lowest point. The minimum
+itself comes late (the smoothing lags, and the model trains during the sweep) and is where the
+rate starts to hurt. On the 00 config's tiny model a 100-step sweep suggested 2.4e-3; SFT at that
+rate reached validation loss 0.065 (accuracy 0.943) against 0.586 (0.313) at the shipped 5e-4,
+while one tenth of the minimum's rate (8.7e-3) reached only 1.230 (0.020).
 """
 
 from __future__ import annotations
@@ -26,9 +29,7 @@ from rollouts.training.backends.protocol import TrainingBackend
 from rollouts.training.errors import NonFiniteGradientError
 from rollouts.training.loop import TrainStep
 
-__all__ = ["LRFindResult", "find_learning_rate", "plot_lr_find"]
-
-SUGGESTION_FRACTION = 0.1  # of the rate at the smoothed loss's minimum
+__all__ = ["LRFindResult", "find_learning_rate", "plot_lr_find", "steepest_fall"]
 
 
 @dataclass(frozen=True)
@@ -39,7 +40,7 @@ class LRFindResult:
     losses: list[float]  # each step's training loss (token-weighted mean)
     smoothed_losses: list[float]  # exponentially smoothed, bias-corrected
     min_loss_lr: float  # the rate at the smoothed minimum
-    suggestion: float  # SUGGESTION_FRACTION * min_loss_lr
+    suggestion: float  # the rate of the steepest fall of the smoothed loss, up to that minimum
     stop_reason: str  # "completed", "diverged" or "out of data"
 
 
@@ -83,9 +84,22 @@ async def find_learning_rate(
         losses=losses,
         smoothed_losses=smoothed,
         min_loss_lr=rates[best],
-        suggestion=SUGGESTION_FRACTION * rates[best],
+        suggestion=rates[steepest_fall(rates, smoothed, best)],
         stop_reason=stop_reason,
     )
+
+
+def steepest_fall(rates: list[float], smoothed: list[float], last: int) -> int:
+    """The index in 1..last-1 where the smoothed loss falls fastest per unit of log rate
+    (central differences); `last` itself when the curve is too short for a slope."""
+    if last < 2:
+        return last
+
+    def slope(i: int) -> float:
+        rise = smoothed[i + 1] - smoothed[i - 1]
+        return rise / (math.log(rates[i + 1]) - math.log(rates[i - 1]))
+
+    return min(range(1, last), key=slope)
 
 
 async def _sweep(

@@ -173,6 +173,11 @@ def test_rollouts_sft_fine_tunes_a_local_model_on_a_chat_file(tmp_path: Path) ->
     ).is_file()
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert again.returncode != 0 and "--overwrite" in again.stderr
+    lora = [*command, "--overwrite", "--lora-rank", "4", "--max-steps", "3"]
+    with_lora = subprocess.run(lora, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert with_lora.returncode == 0, with_lora.stderr[-3000:]
+    meta = tmp_path / "run" / "checkpoints" / "step_00000003" / "meta.json"
+    assert json.loads(meta.read_text())["weights"] == "trained"
 
 
 def test_every_subcommand_prints_its_help(capsys) -> None:

@@ -6,7 +6,8 @@ else float32 on the CPU), learning rate 1e-5 with a 3% warmup and cosine decay, 
 batches of 8, examples cut at 1,024 tokens, assistant-only loss (the model's own chat template),
 and, given `--val FILE`, validation at the start and the end with the best checkpoint kept. The
 run is the `TrainConfig` these build, so everything `rollouts train` does (resume, refusing to
-overwrite, summaries, plots) applies.
+overwrite, summaries, plots) applies. `--lora-rank 16` trains LoRA adapters instead and exports
+the merged model.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def add_sft_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="render with enable_thinking=False (Qwen3-style templates)",
     )
+    parser.add_argument(
+        "--lora-rank", type=int, default=0, help="> 0: train LoRA adapters of this rank (peft)"
+    )
+    parser.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale alpha / rank")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output")
     parser.add_argument("--overwrite", action="store_true", help="replace the run in --output")
 
@@ -55,7 +60,13 @@ def quick_sft_config(args: argparse.Namespace) -> TrainConfig:
     # schema pulls in the orchestrators, which `rollouts plot` does not need.
     import torch
 
-    from rollouts.recipes.config import DataConfig, ModelConfig, TargetConfig, TrainConfig
+    from rollouts.recipes.config import (
+        DataConfig,
+        LoRAConfig,
+        ModelConfig,
+        TargetConfig,
+        TrainConfig,
+    )
     from rollouts.sft import SFTTrainingConfig
 
     model = Path(args.model)
@@ -85,6 +96,7 @@ def quick_sft_config(args: argparse.Namespace) -> TrainConfig:
             resume=args.resume,
             save_best=bool(args.val),
         ),
+        lora=LoRAConfig(rank=args.lora_rank, alpha=args.lora_alpha),
         target=TargetConfig(device_type=device),
         output_dir=args.output or f"runs/{model.resolve().name}-sft",
         overwrite=args.overwrite,

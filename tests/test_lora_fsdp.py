@@ -43,6 +43,15 @@ def train(backend: Any, steps: range, rank: int | None) -> list[float]:
     return losses
 
 
+def layer_norm_step(backend: Any, rank: int | None) -> dict[str, float]:
+    """Step 5, asking for each layer's gradient norm."""
+    for micro in micro_batches(5):
+        if rank is not None:
+            micro = {k: v[rank * 2 : rank * 2 + 2] for k, v in micro.items()}
+        backend.forward_backward(micro)
+    return backend.optim_step(layer_grad_norms=True).wait(120)["layer_grad_norms"]
+
+
 def _job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     init_spawned_rank(rank, WORLD_SIZE, tmp_dir)
     world = init_distributed()
@@ -62,6 +71,7 @@ def _job(rank: int, tmp_dir: Path, model_dir: Path) -> None:
     with build("resumed") as resumed:
         resumed.load_checkpoint(path).wait(120)
         seen["resumed"] = train(resumed, range(3, 5), rank)
+        seen["layer_norms"] = layer_norm_step(resumed, rank)
     torch.save(seen, tmp_dir / f"rank{rank}.pt")
     destroy_distributed()
 
@@ -72,6 +82,7 @@ def job(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     with create_pytorch_backend(tiny_model_dir, tmp_dir / "single", num_threads=1, **LORA) as one:
         reference = {"losses": train(one, range(5), None)}
         reference["update"] = one.sampler_weights().wait(120)
+        reference["layer_norms"] = layer_norm_step(one, None)
     spawn_ranks(_job, (tmp_dir, tiny_model_dir), WORLD_SIZE)
     ranks = [torch.load(tmp_dir / f"rank{r}.pt", weights_only=False) for r in range(WORLD_SIZE)]
     return {"reference": reference, "ranks": ranks, "tmp_dir": tmp_dir, "model": tiny_model_dir}
@@ -104,3 +115,13 @@ def test_both_exports_load_with_transformers_and_peft(job: dict) -> None:
     )
     untrained = AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32)
     assert not torch.allclose(merged(input_ids=ids).logits, untrained(input_ids=ids).logits)
+
+
+def test_sharded_layer_norms_equal_the_single_device_ones(job: dict) -> None:
+    expected = job["reference"]["layer_norms"]
+    assert set(expected) == {"layers.0", "layers.1"}, "LoRA trains the blocks only"
+    assert all(value > 0 for value in expected.values())
+    for seen in job["ranks"]:
+        assert set(seen["layer_norms"]) == set(expected)
+        for layer, norm in expected.items():
+            assert seen["layer_norms"][layer] == pytest.approx(norm, rel=1e-4)

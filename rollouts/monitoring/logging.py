@@ -31,6 +31,7 @@ __all__ = [
     "ProgressBar",
     "TensorBoardLogger",
     "WandbLogger",
+    "plot_grad_flow",
     "plot_metrics",
     "read_metrics",
 ]
@@ -366,3 +367,40 @@ def _all_positive(curves: dict[str, tuple[list[float], list[float]]]) -> bool:
 
 def _keys(records: list[dict[str, Any]]) -> list[str]:
     return sorted({key for record in records for key in record})
+
+
+GRAD_FLOW_FILE_NAME = "grad_flow.png"
+
+
+def plot_grad_flow(run_dir_or_jsonl: str | Path, out_png: str | Path | None = None) -> Path | None:
+    """Each layer's gradient norm (the `grad_norms` records a run writes with
+    `grad_norms_every_steps`) against the step, log scale, shallow layers light and deep ones
+    dark; None when the run logged none. `out_png` defaults to `grad_flow.png` beside the file."""
+    records = [r for r in read_metrics(run_dir_or_jsonl) if r.get("kind") == "grad_norms"]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(dict.fromkeys(layer for r in records for layer in r["layers"]))
+    colours = plt.get_cmap("viridis")
+    figure, axes = plt.subplots(figsize=(9, 5))
+    for position, layer in enumerate(layers):
+        points = [(r["step"], r["layers"][layer]) for r in records if layer in r["layers"]]
+        steps, norms = zip(*points, strict=True)
+        shade = colours(position / max(1, len(layers) - 1))
+        axes.plot(steps, norms, color=shade, label=layer, linewidth=1.2)
+    axes.set_yscale("log")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("gradient norm per layer, before clipping")
+    axes.set_title(f"gradient flow: {_run_name(Path(run_dir_or_jsonl))}")
+    axes.legend(fontsize=6, ncol=max(1, len(layers) // 12), loc="upper right")
+    figure.tight_layout()
+    source = Path(run_dir_or_jsonl)
+    out = Path(out_png) if out_png else (source if source.is_dir() else source.parent)
+    out = out / GRAD_FLOW_FILE_NAME if out.is_dir() else out
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+    return out

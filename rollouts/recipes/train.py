@@ -39,7 +39,7 @@ import tyro
 from rollouts.core.threads import AUTO_THREADS, pick_cpu_threads
 from rollouts.data import SFTDataset, build_char_tokenizer, load_sft_dataset
 from rollouts.inference import HFRolloutEngine
-from rollouts.monitoring import JSONLLogger, plot_metrics, read_metrics
+from rollouts.monitoring import JSONLLogger, plot_grad_flow, plot_metrics, read_metrics
 from rollouts.recipes import config as _config_schema
 from rollouts.recipes.config import RLStageConfig, TrainConfig
 from rollouts.rl import run_rl_training
@@ -564,6 +564,9 @@ def summarize(
         f"final checkpoint {result.final_checkpoint}; best {result.best_checkpoint}"
     )
     print(f"plot: {plot_metrics(output_dir)}")
+    grad_flow = plot_grad_flow(output_dir)
+    if grad_flow is not None:
+        print(f"gradient flow: {grad_flow}")
 
 
 # What a user's mistake raises (a bad value, a missing or busy path, a malformed record, a

@@ -118,13 +118,19 @@ class SFTTrainingConfig:
     log_every_steps: int = 1  # write a train record every N steps
     progress_bar: bool = True  # a tqdm bar (shown only when stderr is a terminal)
     peak_flops_per_s: float = 0.0  # device peak for MFU; 0: known CUDA GPUs only, else no MFU
+    grad_norms_every_steps: int = 0  # log each layer's gradient norm every N steps (0: never)
 
     def __post_init__(self) -> None:
         positive = ("num_epochs", "micro_batch_size", "grad_accum_steps", "eval_batch_size")
         for name in (*positive, "log_every_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"SFTTrainingConfig.{name}={getattr(self, name)}; must be >= 1")
-        non_negative = ("max_steps", "eval_every_steps", "early_stopping_patience")
+        non_negative = (
+            "max_steps",
+            "eval_every_steps",
+            "early_stopping_patience",
+            "grad_norms_every_steps",
+        )
         for name in (*non_negative, "save_every_steps", "keep_last_checkpoints", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"SFTTrainingConfig.{name}={getattr(self, name)}; must be >= 0")
@@ -217,6 +223,7 @@ class _StepStream:
     def _train_step(self, plans: list[MicroBatchPlan], index: int) -> TrainStep:
         # Counts are of the whole (global) step; each rank collates only its rows.
         examples = [self.data.examples[i] for plan in plans for row in plan for i in row]
+        every = self.config.grad_norms_every_steps
         return TrainStep(
             index=index,
             micro_batches=[
@@ -224,6 +231,7 @@ class _StepStream:
             ],
             num_examples=len(examples),
             num_input_tokens=sum(len(example.input_ids) - 1 for example in examples),
+            layer_grad_norms=every > 0 and index % every == 0,
         )
 
 
@@ -496,6 +504,8 @@ class _SFTRun:
             if self.mfu is not None:
                 record["mfu"] = self.mfu(record["tokens_per_s"])
             self._log(record)
+        if result.layer_grad_norms is not None:
+            self._log({"kind": "grad_norms", "step": step, "layers": result.layer_grad_norms})
         self.hooks.call("step", {"step": step, "epoch": epoch, **result.metrics()})
         self.progress.update(
             step,

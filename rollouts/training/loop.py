@@ -90,6 +90,7 @@ class TrainStep:
     micro_batches: Sequence[Batch]
     num_examples: int
     num_input_tokens: int  # non-padding input positions over all micro-batches
+    layer_grad_norms: bool = False  # ask the backend for each layer's gradient norm this step
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ class StepResult:
     num_input_tokens: int
     num_examples: int
     step_time_s: float  # wall time since the previous step finished (or since submission)
+    layer_grad_norms: dict[str, float] | None = None  # when the step asked for them
 
     def metrics(self) -> dict[str, float | int]:
         return {
@@ -187,7 +189,11 @@ async def _submit_step(backend: TrainingBackend, window: CallWindow, step: Train
         await window.submit(lambda batch=batch: backend.forward_backward(batch))
         for batch in step.micro_batches
     ]
-    return _Submitted(step, futures, await window.submit(backend.optim_step))
+    if step.layer_grad_norms:
+        optim = await window.submit(lambda: backend.optim_step(layer_grad_norms=True))
+    else:  # the plain call, which every backend takes
+        optim = await window.submit(backend.optim_step)
+    return _Submitted(step, futures, optim)
 
 
 async def _finish_step(submitted: _Submitted, last_done_s: float) -> tuple[StepResult, float]:
@@ -218,6 +224,7 @@ async def _finish_step(submitted: _Submitted, last_done_s: float) -> tuple[StepR
         num_input_tokens=submitted.step.num_input_tokens,
         num_examples=submitted.step.num_examples,
         step_time_s=done_s - last_done_s,
+        layer_grad_norms=optim.get("layer_grad_norms"),
     )
     return result, done_s
 

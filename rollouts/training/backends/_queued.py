@@ -57,7 +57,13 @@ from rollouts.training.losses import (
     token_weights,
 )
 
-__all__ = ["QueuedBackend", "require_save_pretrained", "thread_setup", "write_hf_directory"]
+__all__ = [
+    "QueuedBackend",
+    "layer_of",
+    "require_save_pretrained",
+    "thread_setup",
+    "write_hf_directory",
+]
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "position_ids")
 GRADIENTS, WEIGHTS = "gradients", "weights"  # the states a failed call may leave suspect
@@ -146,7 +152,9 @@ class QueuedBackend(ABC):
         values_checked = self._check_batch(batch, "forward")
         return self._worker.submit("forward", lambda: self._forward(batch, values_checked))
 
-    def optim_step(self, *, learning_rate: float | None = None) -> TrainFuture[dict[str, Any]]:
+    def optim_step(
+        self, *, learning_rate: float | None = None, layer_grad_norms: bool = False
+    ) -> TrainFuture[dict[str, Any]]:
         if learning_rate is not None and (
             isinstance(learning_rate, bool)
             or not isinstance(learning_rate, int | float)
@@ -154,7 +162,9 @@ class QueuedBackend(ABC):
             or learning_rate <= 0
         ):
             raise ValueError(f"optim_step(learning_rate={learning_rate!r}); must be a number > 0")
-        return self._worker.submit("optim_step", lambda: self._optim_step(learning_rate))
+        return self._worker.submit(
+            "optim_step", lambda: self._optim_step(learning_rate, layer_grad_norms)
+        )
 
     def discard_gradients(self) -> TrainFuture[dict[str, Any]]:
         return self._worker.submit(
@@ -240,9 +250,12 @@ class QueuedBackend(ABC):
         stats["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
         return stats
 
-    def _optim_step(self, learning_rate: float | None = None) -> dict[str, Any]:
+    def _optim_step(
+        self, learning_rate: float | None = None, layer_grad_norms: bool = False
+    ) -> dict[str, Any]:
         scale = self._normalisation_scale()
         self._touch(GRADIENTS)
+        by_layer = self._layer_grad_norms(scale) if layer_grad_norms else None
         grad_norm = self._clip_gradients(scale)
         if self._refuses_non_finite() and not math.isfinite(grad_norm):
             self._discard_gradients()
@@ -270,6 +283,8 @@ class QueuedBackend(ABC):
             self._step += 1
         result = {"step": self._step, "lr": lr, "grad_norm": grad_norm, "skipped": skipped}
         result["num_tokens"] = self._accum_tokens
+        if by_layer is not None:
+            result["layer_grad_norms"] = by_layer
         self._discard_gradients()
         return result
 
@@ -355,6 +370,20 @@ class QueuedBackend(ABC):
     def _touch(self, state: str) -> None:
         self._worker.touch(state)
 
+    def _layer_grad_norms(self, scale: float) -> dict[str, float]:
+        """Each layer's gradient norm as the step will see it (after normalisation, before
+        clipping); layers as `layer_of` names them."""
+        layers = [layer_of(name) for name, p in self.model.named_parameters() if p.requires_grad]
+        squared = self._squared_norms_by_layer(layers)
+        return {layer: math.sqrt(value) * scale for layer, value in squared.items()}
+
+    def _squared_norms_by_layer(self, layers: list[str]) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for layer, param in zip(layers, self._params, strict=True):
+            if param.grad is not None:
+                totals[layer] = totals.get(layer, 0.0) + float(param.grad.float().square().sum())
+        return totals
+
     def _where(self) -> str:
         return ""
 
@@ -419,6 +448,16 @@ def thread_setup(num_threads: int | str | None, device: torch.device) -> Callabl
             torch.cuda.set_device(device)
 
     return setup
+
+
+def layer_of(parameter_name: str) -> str:
+    """The layer a parameter belongs to, for per-layer figures: "layers.3" for
+    "model.layers.3.mlp.up_proj.weight", else its module's own name ("embed_tokens", "lm_head")."""
+    parts = parameter_name.split(".")
+    for index, part in enumerate(parts):
+        if part.isdigit() and index > 0:
+            return f"{parts[index - 1]}.{part}"
+    return parts[-2] if len(parts) > 1 else parts[0]
 
 
 def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -243,6 +243,18 @@ class FSDPTrainingBackend(QueuedBackend):
     def _step_optimizer(self) -> bool | None:
         return self.optimizer.step()
 
+    def _squared_norms_by_layer(self, layers: list[str]) -> dict[str, float]:
+        """Each rank sums its shards' squares per layer; one all-reduce adds the ranks up."""
+        names = sorted(set(layers))
+        index = {layer: i for i, layer in enumerate(names)}
+        local = torch.zeros(len(names), dtype=torch.float64, device=self.device)
+        for layer, param in zip(layers, self._params, strict=True):
+            if param.grad is not None:
+                shard = _local(param.grad).double()  # on CPU too, with cpu_offload
+                local[index[layer]] += shard.square().sum().to(local.device)
+        dist.all_reduce(local)
+        return dict(zip(names, local.tolist(), strict=True))
+
     # -- checkpoints -------------------------------------------------------------------------------
 
     def _write_checkpoint(self, final_path: Path) -> None:

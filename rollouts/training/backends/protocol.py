@@ -122,9 +122,12 @@ class TrainingBackend(Protocol):
         """Forward and loss without gradients; also returns per-token label log-probs."""
         ...
 
-    def optim_step(self, *, learning_rate: float | None = None) -> TrainFuture[dict[str, Any]]:
+    def optim_step(
+        self, *, learning_rate: float | None = None, layer_grad_norms: bool = False
+    ) -> TrainFuture[dict[str, Any]]:
         """Normalise, clip, step the optimizer and scheduler, zero the gradients. `learning_rate`
-        replaces the scheduled rate for this step only (a learning-rate sweep, say)."""
+        replaces the scheduled rate for this step only (a learning-rate sweep, say);
+        `layer_grad_norms` adds {"layer_grad_norms": {layer: norm before clipping}}."""
         ...
 
     def discard_gradients(self) -> TrainFuture[dict[str, Any]]:

@@ -114,6 +114,12 @@ class PyTorchTrainingBackend(QueuedBackend):
             self._scaler.unscale_(self.optimizer)
         return _scale_and_clip(self._params, scale, self.max_grad_norm)
 
+    def _layer_grad_norms(self, scale: float) -> dict[str, float]:
+        # With a float16 scaler the gradients still carry the loss scale here (clipping
+        # unscales them): take it out of the figures too.
+        loss_scale = self._scaler.get_scale() if self._scaler is not None else 1.0
+        return super()._layer_grad_norms(scale / loss_scale)
+
     def _refuses_non_finite(self) -> bool:
         # With a scaler an overflow is expected now and then: it skips the step, no error.
         return self._scaler is None

@@ -3,6 +3,7 @@
 rollouts train CONFIG.py [--section.field value ...]   # a run as a config file says
 rollouts sft --model DIR --train FILE [--val FILE]      # fine-tune on your data, no config file
 rollouts lr-find CONFIG.py [--steps N] [overrides]     # sweep the learning rate, suggest one
+rollouts tune CONFIG.py --trials N --storage sqlite:///study.db   # search hyperparameters
 rollouts plot RUN_DIR [RUN_DIR ...] [--out PNG]   # a run's metrics.jsonl -> a PNG of its
                                                   # curves; several runs are overlaid
 """
@@ -33,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "overrides", nargs=argparse.REMAINDER,
         help="--steps N --min-lr X --max-lr Y, and --section.field value ...",
     )  # fmt: skip
+    tune = commands.add_parser("tune", help="search hyperparameters of a config's SFT (optuna)")
+    tune.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
+    tune.add_argument(
+        "overrides", nargs=argparse.REMAINDER,
+        help="--trials N --storage sqlite:///study.db [--study NAME], and --section.field value",
+    )  # fmt: skip
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(
         "runs", type=Path, nargs="+", help="run directories holding metrics.jsonl, or the files"
@@ -41,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command in ("train", "sft"):
         return _train(args)
-    if args.command == "lr-find":
-        from rollouts.recipes.lr_find import lr_find_command
+    if args.command in ("lr-find", "tune"):
+        import logging
+
         from rollouts.recipes.train import report_user_errors
 
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        if args.command == "lr-find":
+            from rollouts.recipes.lr_find import lr_find_command as command
+        else:
+            from rollouts.recipes.tune import tune_command as command
         return report_user_errors(
-            lambda: lr_find_command(args.config, args.overrides), "rollouts lr-find"
+            lambda: command(args.config, args.overrides), f"rollouts {args.command}"
         )
     if args.command == "plot":
         from rollouts.monitoring.logging import plot_metrics

@@ -28,7 +28,7 @@ import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -304,7 +304,9 @@ async def run_sft_stage(
     model_path: str,
     train: SFTDataset,
     val: SFTDataset | None,
-) -> None:
+    hooks: Sequence[Any] = (),
+) -> Any:
+    """The SFT stage: train, measure, export; returns the `SFTResult`."""
     is_main = world is None or world.is_main
     num_steps = count_sft_steps(train, config.sft)
     backend = build_backend(
@@ -329,7 +331,9 @@ async def run_sft_stage(
             accuracy_before = await task_accuracy(config, eval_engine, tokenizer)
             if accuracy_before is not None:
                 logger.log({"kind": "task_eval", "step": 0, "val_accuracy": accuracy_before})
-        result = await run_sft_training(backend, train, config.sft, eval_data=val, logger=logger)
+        result = await run_sft_training(
+            backend, train, config.sft, eval_data=val, logger=logger, hooks=hooks
+        )
         # What a rollout engine takes (a LoRA backend's: its adapters); every rank takes part.
         weights = await backend.sampler_weights()
         if is_main:
@@ -350,6 +354,17 @@ async def run_sft_stage(
         tokenizer.save_pretrained(output_dir / "final_model")
         summarize(config, result, accuracy_before, accuracy_after, output_dir)
     _barrier(world)
+    return result
+
+
+async def run_sft_only(config: TrainConfig, hooks: Sequence[Any] = ()) -> Any:
+    """The SFT stage alone on one device, as `run` prepares it (output directory, tokenizer,
+    data, model): what a hyperparameter search runs per trial. Returns the `SFTResult`."""
+    output_dir = prepare_output_dir(config)
+    tokenizer = build_tokenizer(config)
+    train, val = load_data(config, tokenizer, is_main=True)
+    model_path = prepare_model_dir(config, tokenizer, output_dir, is_main=True)
+    return await run_sft_stage(config, None, output_dir, tokenizer, model_path, train, val, hooks)
 
 
 @dataclass(frozen=True)

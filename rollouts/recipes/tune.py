@@ -73,7 +73,7 @@ class OptunaPruningHook:
         self.trial.report(record["val_loss"], record["step"])
         if self.trial.should_prune():
             self.pruned = True
-            return f"pruned by optuna at step {record['step']}"
+            return "pruned by optuna (its validation loss fell behind the earlier trials')"
         return None
 
 

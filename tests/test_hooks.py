@@ -3,6 +3,7 @@ saves its final checkpoint and names the hook's reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -72,12 +73,16 @@ def test_an_eval_hook_prunes_sft_at_that_evaluation(tmp_path: Path) -> None:
     assert result.final_checkpoint is not None
 
 
-def test_a_step_hook_stops_rl_with_a_checkpoint_and_the_reason(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_mode", [False, True])
+def test_a_step_hook_stops_rl_with_a_checkpoint_and_the_reason(
+    tmp_path: Path, async_mode: bool
+) -> None:
     hook = Recorder(stop_step=2)
     backend, engine, tokenizer = _setup(tmp_path)
+    config = dataclasses.replace(CONFIG, async_mode=async_mode)  # async: sampling ahead stops too
     with backend, engine:
         history = trio.run(
-            run_rl_training, backend, engine, DigitsTask(), CONFIG, None, tokenizer, None, [hook]
+            run_rl_training, backend, engine, DigitsTask(), config, None, tokenizer, None, [hook]
         )
         checkpoints = [c.step for c in backend.list_checkpoints()]
     assert [m["step"] for m in history] == [1, 2] and history[-1]["stop_reason"] == "hook: enough"

@@ -241,6 +241,7 @@ def test_a_tied_model_exports_merged_and_refuses_an_adapted_head(tmp_path) -> No
         run_steps(backend, batches(2))
         expected = _logits_by_forward(backend, ids)
         exported = backend.export_hf(tmp_path / "merged").wait(60)
+        update = backend.sampler_weights().wait(60)
     merged = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32)
     assert merged.config.tie_word_embeddings is False, "the merged embedding left the head"
     got = torch.log_softmax(merged(input_ids=ids).logits, -1)
@@ -248,3 +249,18 @@ def test_a_tied_model_exports_merged_and_refuses_an_adapted_head(tmp_path) -> No
     torch.testing.assert_close(got.detach(), expected, rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="shares its weight with the input embedding"):
         lora_backend(tmp_path / "tied", tmp_path / "x", lora_lm_head=True)
+    with pytest.raises(ValueError, match="names the LM head 'lm_head'"):
+        lora_backend(tmp_path / "tied", tmp_path / "y", lora_target_modules=("lm_head", "q_proj"))
+    # An engine on the tied base, given the adapters, samples as the merged (untied) export.
+    from rollouts.data.char_tokenizer import build_char_tokenizer
+
+    tokenizer, params = build_char_tokenizer(), SamplingParams(max_tokens=5, seed=2)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "tied", dtype=torch.float32)
+    with HFRolloutEngine(base, tokenizer, mode="thread") as engine:
+        engine.load_weights(update, 1).wait(60)
+        by_adapter = engine.sample([[1, 2, 3]], 3, params).wait(60)
+    with HFRolloutEngine(merged, tokenizer, mode="thread") as engine:
+        by_export = engine.sample([[1, 2, 3]], 3, params).wait(60)
+    for got, want in zip(by_adapter[0], by_export[0], strict=True):
+        assert got.token_ids == want.token_ids
+        assert got.logprobs == pytest.approx(want.logprobs, abs=1e-5)

@@ -168,6 +168,7 @@ class _EngineCore:
         """Set each adapted weight to W_base + scale * B @ A. The base of a weight is copied
         once, at its first adapter update, so later updates never compound rounding."""
         update = WeightUpdate(tensors=tensors, kind="adapter", scales=scales)
+        self._untie_an_adapted_embedding(scales)
         params = dict(self.model.named_parameters())
         for name in scales:
             param = params[name]
@@ -175,6 +176,19 @@ class _EngineCore:
             delta = update.adapter_delta(name).to(device=param.device, dtype=torch.float32)
             param.copy_((base.float() + delta).to(param.dtype))
         self.weight_version = version
+
+    def _untie_an_adapted_embedding(self, scales: Mapping[str, float]) -> None:
+        """A LoRA embedding adapter leaves a tied LM head at its base weight (PEFT adapts the
+        input lookup only), so the engine's head gets its own copy before the merge."""
+        embedding = self.model.get_input_embeddings()
+        head = self.model.get_output_embeddings()
+        if head is None or embedding is None or head.weight is not embedding.weight:
+            return
+        names = {n for n, p in self.model.named_parameters() if p is embedding.weight}
+        if names & set(scales):
+            head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
+            if getattr(self.model, "config", None) is not None:
+                self.model.config.tie_word_embeddings = False
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
@@ -212,6 +226,8 @@ class HFRolloutEngine:
         self.start_timeout_s = float(start_timeout_s)
         engine_model = copy.deepcopy(model).to(self.device).eval().requires_grad_(False)
         self._shapes = {name: t.shape for name, t in engine_model.state_dict().items()}
+        # An adapter update addresses parameters: a tied weight answers to one name only.
+        self._parameter_names = {name for name, _ in engine_model.named_parameters()}
         config = getattr(engine_model, "config", None)
         self._vocab_size: int | None = getattr(config, "vocab_size", None)
         self._max_positions: int | None = getattr(config, "max_position_embeddings", None)
@@ -411,7 +427,7 @@ class HFRolloutEngine:
         for name in update.scales:
             a, b = (update.tensors[f"{name}{suffix}"] for suffix in ADAPTER_SUFFIXES)
             shape = (b.shape[0], a.shape[1])
-            if name not in self._shapes or tuple(self._shapes[name]) != shape:
+            if name not in self._parameter_names or tuple(self._shapes[name]) != shape:
                 found = tuple(self._shapes[name]) if name in self._shapes else "no such weight"
                 raise ValueError(
                     f"load_weights: the adapter of {name!r} makes a {shape} update, but the "

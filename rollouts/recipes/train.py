@@ -334,8 +334,10 @@ async def run_sft_stage(
         result = await run_sft_training(
             backend, train, config.sft, eval_data=val, logger=logger, hooks=hooks
         )
-        # What a rollout engine takes (a LoRA backend's: its adapters); every rank takes part.
-        weights = await backend.sampler_weights()
+        # Every rank takes part. A LoRA backend hands over its adapters (on every rank); a full
+        # one its state dict, gathered to rank 0's CPU only.
+        lora = bool(config.lora.options("sft"))
+        weights = await (backend.sampler_weights() if lora else backend.get_weights())
         if is_main:
             await eval_engine.load_weights(weights, 1)
             accuracy_after = await task_accuracy(config, eval_engine, tokenizer)
@@ -498,7 +500,8 @@ def sft_trainer_threads(config: TrainConfig, output_dir: Path, world: World | No
         return threads
     record = output_dir / THREADS_FILE
     if config.sft.resume and record.is_file():
-        return int(json.loads(record.read_text())["sft_trainer_threads"])
+        recorded = json.loads(record.read_text())["sft_trainer_threads"]
+        return None if recorded is None else int(recorded)
     chosen: list[int] = []
     probe = threading.Thread(target=lambda: chosen.append(pick_cpu_threads()), daemon=True)
     probe.start()

@@ -30,6 +30,7 @@ from typing import Any
 
 from rollouts.recipes.config import TrainConfig
 from rollouts.recipes.train import load_config, run_sft_only
+from rollouts.training.loop import NonFiniteLossError
 
 __all__ = ["OptunaPruningHook", "default_search_space", "run_study", "tune_command"]
 
@@ -108,7 +109,8 @@ def run_study(
         def objective(trial: Any) -> float:
             return _run_trial(trial, config_path, overrides, base, space, optuna)
 
-        study.optimize(objective, n_trials=remaining, catch=())
+        # A trial whose loss diverges fails alone (its error recorded); the study goes on.
+        study.optimize(objective, n_trials=remaining, catch=(NonFiniteLossError,))
     _write_best(study, config_path, overrides, base)
     return study
 
@@ -124,6 +126,7 @@ def _run_trial(
     trial.set_user_attr("host", socket.gethostname())
     trial.set_user_attr("pid", os.getpid())
     chosen = space(trial, base)
+    trial.set_user_attr("overrides", chosen)  # by config field; the params may be named apart
     trial_dir = Path(base.output_dir) / f"trial_{trial.number:04d}"
     trial_overrides = [*overrides, *_as_arguments(chosen), "--output_dir", str(trial_dir)]
     config = load_config(config_path, trial_overrides)
@@ -185,7 +188,8 @@ def _write_best(study: Any, config_path: str, overrides: list[str], base: TrainC
     except ValueError:  # no complete trial yet (every one pruned or failed)
         print("no trial has completed, so there is no best configuration yet")
         return
-    arguments = [*overrides, *_as_arguments(best.params)]
+    chosen = best.user_attrs.get("overrides", best.params)
+    arguments = [*overrides, *_as_arguments(chosen)]
     path = Path(base.output_dir) / BEST_CONFIG_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -196,7 +200,7 @@ def _write_best(study: Any, config_path: str, overrides: list[str], base: TrainC
     )
     print(
         f"best trial {best.number}: validation loss {best.value:.4f} with "
-        f"{' '.join(_as_arguments(best.params))}; config: {path}"
+        f"{' '.join(_as_arguments(chosen))}; config: {path}"
     )
 
 

@@ -451,6 +451,7 @@ class _RLRun:
 
     async def save(self, version: int) -> None:
         path = await self.backend.save_checkpoint(version)  # every rank takes part
+        self.hooks.call("checkpoint", {"step": version, "path": path, "reasons": ["rl"]})
         if self.rank != 0:
             return
         state = {"step": version, "config": dataclasses.asdict(self.config)}
@@ -458,7 +459,6 @@ class _RLRun:
         tmp_path = state_path.with_suffix(".tmp")
         tmp_path.write_text(json.dumps(state, indent=2))
         os.replace(tmp_path, state_path)  # the state appears whole, after its checkpoint
-        self.hooks.call("checkpoint", {"step": version, "path": path, "reasons": ["rl"]})
 
     async def resume(self) -> int:
         """Load the newest checkpoint that has RL state; return the step to continue from."""

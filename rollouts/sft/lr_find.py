@@ -77,7 +77,8 @@ async def find_learning_rate(
         backend.delete_checkpoint(start_step)
     losses, smoothed, stop_reason = curve
     if not smoothed:
-        raise ValueError("the sweep finished no step: pass steps with weighted tokens")
+        why = "its first step diverged; lower min_lr" if stop_reason == "diverged" else stop_reason
+        raise ValueError(f"the sweep finished no step at min_lr={min_lr} ({why})")
     best = min(range(len(smoothed)), key=smoothed.__getitem__)
     return LRFindResult(
         learning_rates=rates[: len(losses)],

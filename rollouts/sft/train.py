@@ -374,8 +374,10 @@ class _SFTRun:
 
     def _until_a_hook_stops(self, steps: Iterator[TrainStep]) -> Iterator[TrainStep]:
         """`steps` until a hook asks to stop (the step already queued still finishes)."""
-        for step in steps:
-            if self.hooks.stop_requested:
+        iterator = iter(steps)
+        while not self.hooks.stop_requested:  # checked before the next step is drawn: the
+            step = next(iterator, None)  # data cursor then stops at the last step trained
+            if step is None:
                 return
             yield step
 
@@ -506,7 +508,7 @@ class _SFTRun:
             self._log(record)
         if result.layer_grad_norms is not None:
             self._log({"kind": "grad_norms", "step": step, "layers": result.layer_grad_norms})
-        self.hooks.call("step", {"step": step, "epoch": epoch, **result.metrics()})
+        self.hooks.call("step", {**result.metrics(), "epoch": epoch, "step": step})
         self.progress.update(
             step,
             {"loss": result.loss, "lr": result.lr, "tokens/s": result.metrics()["tokens_per_s"]},

@@ -14,6 +14,7 @@ misspelled name fails in a second instead of after the SFT stage.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -57,19 +58,22 @@ def load_object(spec: str, field: str) -> Any:
                 f"{field}={spec!r}: no module {error.name!r} (looked on sys.path, current "
                 f"directory {Path.cwd()} included)"
             ) from error
-    value = module
+    value, walked = module, module_name
     for part in attribute.split("."):
         if not hasattr(value, part):
-            names = sorted(n for n in vars(module) if not n.startswith("_"))
-            raise ValueError(f"{field}={spec!r}: {module_name} has no {part!r}; it has {names}")
-        value = getattr(value, part)
+            names = sorted(n for n in dir(value) if not n.startswith("_"))
+            raise ValueError(f"{field}={spec!r}: {walked} has no {part!r}; it has {names}")
+        value, walked = getattr(value, part), f"{walked}.{part}"
     return value
 
 
 def _module_from_file(path: Path, spec: str, field: str) -> Any:
     if not path.is_file():
         raise ValueError(f"{field}={spec!r}: no file {path.resolve()}")
-    module_spec = importlib.util.spec_from_file_location(f"_rollouts_user_{path.stem}", path)
+    digest = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]  # one name per file
+    module_spec = importlib.util.spec_from_file_location(
+        f"_rollouts_user_{path.stem}_{digest}", path
+    )
     assert module_spec is not None and module_spec.loader is not None, f"cannot import {path}"
     module = importlib.util.module_from_spec(module_spec)
     sys.modules[module_spec.name] = module  # dataclasses and pickling look modules up here

@@ -13,8 +13,10 @@ stops after the step in flight, saves its final checkpoint as it would at the en
 `stop_reason = "hook: <reason>"`. A hook that raises ends the run with that exception, like any
 error of the loop. Hooks run on the loop's own thread, between calls; keep them quick.
 
-With a sharded backend every rank calls its hooks with the same global figures, so a hook must
-decide alike on every rank (RL evaluations run on rank 0 only: there, stop from step records).
+With a sharded backend every rank calls its hooks, and a stop must be asked for on every rank
+alike: decide from the global figures (loss, lr, grad_norm, val_loss, the step), never from
+timings or memory, which differ per rank. RL evaluations run on rank 0 only, so a sharded RL run
+stops from step records.
 """
 
 from __future__ import annotations

@@ -450,6 +450,9 @@ def thread_setup(num_threads: int | str | None, device: torch.device) -> Callabl
     return setup
 
 
+_NOT_MODULE_PARTS = ("weight", "bias", "default", "base_layer")
+
+
 def layer_of(parameter_name: str) -> str:
     """The layer a parameter belongs to, for per-layer figures: "layers.3" for
     "model.layers.3.mlp.up_proj.weight", else its module's own name ("embed_tokens", "lm_head")."""
@@ -457,7 +460,9 @@ def layer_of(parameter_name: str) -> str:
     for index, part in enumerate(parts):
         if part.isdigit() and index > 0:
             return f"{parts[index - 1]}.{part}"
-    return parts[-2] if len(parts) > 1 else parts[0]
+    # A PEFT name ("lm_head.lora_A.default.weight") is its module's, without the adapter parts.
+    own = [p for p in parts if not p.startswith("lora_") and p not in _NOT_MODULE_PARTS]
+    return own[-1] if own else parts[0]
 
 
 def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:

@@ -115,6 +115,15 @@ def apply_lora(
     targets = list(target_modules) if target_modules else None
     if targets is None:
         targets = lora_target_modules(model, lm_head=lm_head, embeddings=embeddings)
+    elif getattr(config, "tie_word_embeddings", False):
+        head_name = next(
+            (n for n, m in model.named_modules() if m is model.get_output_embeddings()), ""
+        )
+        if head_name and head_name.rsplit(".", 1)[-1] in targets:
+            raise ValueError(
+                f"target_modules names the LM head {head_name!r}, which shares its weight with "
+                "the input embedding (tie_word_embeddings): adapt the embedding instead"
+            )
     lora_config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,

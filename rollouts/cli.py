@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 __all__ = ["main"]
 
@@ -20,25 +21,19 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `rollouts` command; returns the exit status."""
     parser = argparse.ArgumentParser(prog="rollouts", description="rollouts command-line tools")
     commands = parser.add_subparsers(dest="command", required=True)
-    train = commands.add_parser("train", help="run a config file (SFT, then RL if enabled)")
-    train.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
-    train.add_argument("overrides", nargs=argparse.REMAINDER, help="--section.field value ...")
+    _add_config_command(
+        commands, "train", "run a config file (SFT, then RL if enabled)", "--section.field value"
+    )
     from rollouts.recipes.quick import add_sft_arguments
 
     add_sft_arguments(commands.add_parser("sft", help="fine-tune a local model on chat data"))
-    lr_find = commands.add_parser(
-        "lr-find", help="sweep the learning rate on a config's model and data; suggest one"
-    )
-    lr_find.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
-    lr_find.add_argument(
-        "overrides", nargs=argparse.REMAINDER,
-        help="--steps N --min-lr X --max-lr Y, and --section.field value ...",
+    _add_config_command(
+        commands, "lr-find", "sweep the learning rate on a config's model and data; suggest one",
+        "--steps N --min-lr X --max-lr Y, and --section.field value",
     )  # fmt: skip
-    tune = commands.add_parser("tune", help="search hyperparameters of a config's SFT (optuna)")
-    tune.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
-    tune.add_argument(
-        "overrides", nargs=argparse.REMAINDER,
-        help="--trials N --storage sqlite:///study.db [--study NAME], and --section.field value",
+    _add_config_command(
+        commands, "tune", "search hyperparameters of a config's SFT (optuna)",
+        "--trials N --storage sqlite:///study.db [--study NAME], and --section.field value",
     )  # fmt: skip
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(
@@ -66,6 +61,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(plot_metrics(args.runs if len(args.runs) > 1 else args.runs[0], args.out))
     return 0
+
+
+def _add_config_command(commands: Any, name: str, help_text: str, flags: str) -> None:
+    """A subcommand taking a config file, then its own flags and the config's overrides."""
+    command = commands.add_parser(name, help=help_text)
+    command.add_argument("config", help="a Python file that builds `config = TrainConfig(...)`")
+    command.add_argument("overrides", nargs=argparse.REMAINDER, help=f"{flags} ...")
 
 
 def _train(args: argparse.Namespace) -> int:

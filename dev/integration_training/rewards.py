@@ -10,9 +10,7 @@ other fields in `metadata`), `completion` the text sampled after the assistant t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
-from rollouts.tasks.addition import generate_examples, reward
+from rollouts.tasks.addition import AdditionTask, generate_examples
 from rollouts.tasks.protocol import TaskPrompt
 
 
@@ -26,22 +24,14 @@ def digit_credit(prompt: TaskPrompt, completion: str) -> float:
     return 0.5 * matched / max(len(answer), len(guess), 1)
 
 
-class GeneratedAddition:
+class GeneratedAddition(AdditionTask):
     """A task with its own prompts, drawn rather than read: 2-digit sums (the shipped data's kind)
     from the addition splits, exact-match reward. `rl.task` builds it with no arguments."""
 
     def __init__(
         self, num_train: int = 2000, num_eval: int = 200, seed: int = 1, num_digits: int = 2
     ) -> None:
-        train = generate_examples("train", num_train, seed, num_digits)
-        self._train = [e.task_prompt() for e in train]
-        self._eval = [e.task_prompt() for e in generate_examples("val", num_eval, seed, num_digits)]
-
-    def train_prompts(self) -> Sequence[TaskPrompt]:
-        return self._train
-
-    def eval_prompts(self) -> Sequence[TaskPrompt]:
-        return self._eval
-
-    def reward(self, prompt: TaskPrompt, completion: str) -> float:
-        return reward(prompt, completion)
+        super().__init__(
+            generate_examples("train", num_train, seed, num_digits),
+            generate_examples("val", num_eval, seed, num_digits),
+        )

@@ -72,6 +72,12 @@ sys.modules.setdefault("train_config", _config_schema)
 
 def load_config(config_path: str, overrides: list[str]) -> TrainConfig:
     """Run the config file, take its `config`, apply command-line overrides."""
+    config = config_of(config_module(config_path), config_path)
+    return apply_overrides(config, overrides, prog=f"train.py {config_path}")
+
+
+def config_module(config_path: str) -> Any:
+    """The config file, run as a module (its `config`, and whatever else it defines)."""
     path = Path(config_path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
@@ -79,10 +85,24 @@ def load_config(config_path: str, overrides: list[str]) -> TrainConfig:
     assert spec is not None and spec.loader is not None, f"cannot import {path}"
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def config_of(module: Any, config_path: str) -> TrainConfig:
+    """The module's `config`, or a ValueError naming the file."""
     config = getattr(module, "config", None)
     if not isinstance(config, TrainConfig):
-        raise ValueError(f"{path} must define `config = TrainConfig(...)`, got {type(config)}")
-    return tyro.cli(type(config), default=config, args=overrides, prog=f"train.py {path}")
+        raise ValueError(
+            f"{config_path} must define `config = TrainConfig(...)`, got {type(config)}"
+        )
+    return config
+
+
+def apply_overrides(
+    config: TrainConfig, overrides: list[str], prog: str = "train.py"
+) -> TrainConfig:
+    """`config` with command-line overrides (`--sft.learning_rate 3e-4`) applied by tyro."""
+    return tyro.cli(type(config), default=config, args=overrides, prog=prog)
 
 
 def build_tokenizer(config: TrainConfig) -> Any:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import logging
 import os
 import socket
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from rollouts.recipes.config import TrainConfig
-from rollouts.recipes.train import load_config, run_sft_only
+from rollouts.recipes.train import apply_overrides, config_module, config_of, run_sft_only
 from rollouts.training.loop import NonFiniteLossError
 
 __all__ = ["OptunaPruningHook", "default_search_space", "run_study", "tune_command"]
@@ -90,10 +89,12 @@ def run_study(
 ) -> Any:
     """Run trials until the study holds `num_trials` finished ones; return the study."""
     optuna = _optuna()
-    base = load_config(config_path, overrides)
+    module = config_module(config_path)  # run once: its config and its search space
+    written = config_of(module, config_path)
+    base = apply_overrides(written, overrides, prog=f"rollouts tune {config_path}")
     if not base.data.val_path:
         raise ValueError("tune minimises the validation loss: set data.val_path")
-    space = search_space or _space_from(config_path) or default_search_space
+    space = search_space or _space_of(module) or default_search_space
     study = optuna.create_study(
         study_name=study_name or Path(config_path).stem,
         storage=storage,
@@ -107,7 +108,7 @@ def run_study(
     if remaining > 0:
 
         def objective(trial: Any) -> float:
-            return _run_trial(trial, config_path, overrides, base, space, optuna)
+            return _run_trial(trial, written, overrides, base, space, optuna)
 
         # A trial whose loss diverges fails alone (its error recorded); the study goes on.
         study.optimize(objective, n_trials=remaining, catch=(NonFiniteLossError,))
@@ -117,7 +118,7 @@ def run_study(
 
 def _run_trial(
     trial: Any,
-    config_path: str,
+    written: TrainConfig,
     overrides: list[str],
     base: TrainConfig,
     space: Callable[[Any, TrainConfig], dict[str, Any]],
@@ -129,7 +130,7 @@ def _run_trial(
     trial.set_user_attr("overrides", chosen)  # by config field; the params may be named apart
     trial_dir = Path(base.output_dir) / f"trial_{trial.number:04d}"
     trial_overrides = [*overrides, *_as_arguments(chosen), "--output_dir", str(trial_dir)]
-    config = load_config(config_path, trial_overrides)
+    config = apply_overrides(written, trial_overrides, prog=f"trial {trial.number}")
     hook = OptunaPruningHook(trial)
     result = asyncio.run(run_sft_only(config, hooks=[hook]))
     trial.set_user_attr("output_dir", str(trial_dir))
@@ -168,12 +169,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _space_from(config_path: str) -> Callable[[Any, TrainConfig], dict[str, Any]] | None:
+def _space_of(module: Any) -> Callable[[Any, TrainConfig], dict[str, Any]] | None:
     """The config file's own `search_space(trial)` (or `(trial, config)`), if it defines one."""
-    spec = importlib.util.spec_from_file_location(f"_space_{Path(config_path).stem}", config_path)
-    assert spec is not None and spec.loader is not None, f"cannot import {config_path}"
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     space = getattr(module, "search_space", None)
     if space is None:
         return None

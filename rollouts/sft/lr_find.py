@@ -4,11 +4,11 @@
     result.suggestion, plot_lr_find(result, "lr_find.png")
 
 Step i of `num_steps` trains one optimizer step at min_lr * (max_lr / min_lr) ** (i / (n - 1))
-(through `optim_step(learning_rate=...)`, so the backend's schedule is untouched). The sweep
-stops early when the loss diverges: non-finite, a refused non-finite gradient, or an
-exponentially smoothed loss above `diverge_factor` times its lowest. Before the sweep the backend
-saves a checkpoint at its current step, and afterwards loads it and deletes it, so weights,
-optimizer and scheduler state, RNG and step count are as they were.
+(a `TrainStep.learning_rate`, which the epoch loop passes to `optim_step`, so the backend's
+schedule is untouched). The sweep stops early when the loss diverges: non-finite, a refused
+non-finite gradient, or an exponentially smoothed loss above `diverge_factor` times its lowest.
+Before the sweep the backend saves a checkpoint at its current step, and afterwards loads it and
+deletes it, so weights, optimizer and scheduler state, RNG and step count are as they were.
 
 The suggestion (a documented rule, one of several in use): the rate where the smoothed loss falls
 fastest per unit of log rate (central differences), at or before its lowest point. The minimum
@@ -20,14 +20,14 @@ while one tenth of the minimum's rate (8.7e-3) reached only 1.230 (0.020).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from rollouts.training.backends.protocol import TrainingBackend
-from rollouts.training.errors import NonFiniteGradientError
-from rollouts.training.loop import TrainStep
+from rollouts.training.loop import NonFiniteLossError, StepResult, TrainStep, run_training_epoch
 
 __all__ = ["LRFindResult", "find_learning_rate", "plot_lr_find", "steepest_fall"]
 
@@ -110,33 +110,34 @@ async def _sweep(
     smoothing: float,
     diverge_factor: float,
 ) -> tuple[list[float], list[float], str]:
+    """The steps of the epoch loop, one rate each, queued one at a time (`submit_ahead=0`), so
+    that no step runs after the loss has diverged."""
     losses: list[float] = []
     smoothed: list[float] = []
-    average = 0.0
-    iterator = iter(steps)
-    for index, rate in enumerate(rates):
-        step = next(iterator, None)
-        if step is None:
-            return losses, smoothed, "out of data"
-        futures = [backend.forward_backward(batch) for batch in step.micro_batches]
-        stepped = backend.optim_step(learning_rate=rate)
-        results = [await future for future in futures]
-        try:
-            await stepped
-        except NonFiniteGradientError:
-            return losses, smoothed, "diverged"
-        weight = sum(float(r["token_weight"]) for r in results)
-        loss = sum(float(r["loss"]) * float(r["token_weight"]) for r in results) / max(
-            weight, 1e-12
-        )
-        if not math.isfinite(loss):
-            return losses, smoothed, "diverged"
-        average = smoothing * average + (1 - smoothing) * loss
-        losses.append(loss)
-        smoothed.append(average / (1 - smoothing ** (index + 1)))
+    state = {"average": 0.0, "stop": ""}
+
+    def on_step(result: StepResult) -> None:
+        state["average"] = smoothing * state["average"] + (1 - smoothing) * result.loss
+        losses.append(result.loss)
+        smoothed.append(state["average"] / (1 - smoothing ** len(losses)))
         if smoothed[-1] > diverge_factor * min(smoothed):
-            return losses, smoothed, "diverged"
-    return losses, smoothed, "completed"
+            state["stop"] = "diverged"
+
+    def at_rates() -> Iterator[TrainStep]:
+        iterator = iter(steps)
+        for rate in rates:
+            step = next(iterator, None)
+            if step is None:
+                state["stop"] = "out of data"
+            if state["stop"]:
+                return
+            yield dataclasses.replace(step, learning_rate=rate)
+
+    try:
+        await run_training_epoch(backend, at_rates(), on_step, submit_ahead=0)
+    except NonFiniteLossError:  # a non-finite loss, or a gradient the backend refused
+        return losses, smoothed, "diverged"
+    return losses, smoothed, state["stop"] or "completed"
 
 
 def plot_lr_find(result: LRFindResult, path: str | Path) -> Path:

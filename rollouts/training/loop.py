@@ -91,6 +91,7 @@ class TrainStep:
     num_examples: int
     num_input_tokens: int  # non-padding input positions over all micro-batches
     layer_grad_norms: bool = False  # ask the backend for each layer's gradient norm this step
+    learning_rate: float | None = None  # this step's rate instead of the schedule's
 
 
 @dataclass(frozen=True)
@@ -189,10 +190,13 @@ async def _submit_step(backend: TrainingBackend, window: CallWindow, step: Train
         await window.submit(lambda batch=batch: backend.forward_backward(batch))
         for batch in step.micro_batches
     ]
+    options: dict[str, Any] = {}
     if step.layer_grad_norms:
-        optim = await window.submit(lambda: backend.optim_step(layer_grad_norms=True))
-    else:  # the plain call, which every backend takes
-        optim = await window.submit(backend.optim_step)
+        options["layer_grad_norms"] = True
+    if step.learning_rate is not None:
+        options["learning_rate"] = step.learning_rate
+    # Without options, the plain call, which every backend takes.
+    optim = await window.submit(lambda: backend.optim_step(**options))
     return _Submitted(step, futures, optim)
 
 

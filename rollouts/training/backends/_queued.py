@@ -107,6 +107,8 @@ class QueuedBackend(ABC):
         self._device = device
         self._data_parallel = data_parallel or DataParallel()
         self._params = [p for p in model.parameters() if p.requires_grad]
+        # Some weights frozen (a LoRA base): checkpoints then hold the trained ones only.
+        self._trains_subset = len(self._params) < sum(1 for _ in model.parameters())
         self._num_parameters = sum(p.numel() for p in model.parameters())  # global for DTensors
         self._vocab_in, self._vocab_out = _vocab_sizes(model)
         self._step = 0

@@ -206,7 +206,6 @@ class FSDPTrainingBackend(QueuedBackend):
             tokenizer=tokenizer,
         )
         self.world = world
-        self._trains_subset = any(not p.requires_grad for p in model.parameters())
         _sum_gradients_over_ranks(model)
 
     # -- the pieces of the shared bodies -----------------------------------------------------------

@@ -220,9 +220,9 @@ class PyTorchTrainingBackend(QueuedBackend):
 
     def _trained_subset(self) -> dict[str, torch.Tensor] | None:
         """The trained parameters by name when some are frozen (LoRA), else None (all train)."""
-        named = dict(self.model.named_parameters())
-        trained = {name: p.detach() for name, p in named.items() if p.requires_grad}
-        return None if len(trained) == len(named) else trained
+        if not self._trains_subset:
+            return None
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _get_weights(self) -> dict[str, torch.Tensor]:
         return {

@@ -7,7 +7,8 @@ A config file (`configs/*.py`) is plain Python that builds one `TrainConfig` nam
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from typing import Any
 
 from rollouts.data import MASK_MODES
 from rollouts.rl import RLTrainingConfig
@@ -22,6 +23,7 @@ __all__ = [
     "RLStageConfig",
     "TargetConfig",
     "TrainConfig",
+    "with_fields",
 ]
 
 BACKENDS = ("pytorch", "fsdp")
@@ -246,3 +248,35 @@ class TrainConfig:
                 "rl.enabled needs held-out prompts for its accuracy before and after: set "
                 "data.val_path (or use rl.task, whose eval_prompts() are used)"
             )
+
+
+def with_fields(config: Any, values: dict[str, Any], source: str = "override") -> Any:
+    """`config` with fields replaced by dotted name (`{"sft.learning_rate": 3e-4}`), each section
+    re-validated. An unknown name, or a value of another type than the field's, is a ValueError
+    naming it and `source` (a search space, say)."""
+    for name, value in values.items():
+        config = _with_field(config, name.split("."), value, name, source)
+    return config
+
+
+def _with_field(section: Any, path: list[str], value: Any, name: str, source: str) -> Any:
+    head, rest = path[0], path[1:]
+    names = [f.name for f in fields(section)] if is_dataclass(section) else []
+    if head not in names:
+        raise ValueError(
+            f"{source}: {name!r} names no config field ({head!r} is not one of {names})"
+        )
+    current = getattr(section, head)
+    if rest:
+        return replace(section, **{head: _with_field(current, rest, value, name, source)})
+    if is_dataclass(current):
+        raise ValueError(f"{source}: {name!r} is a section; name one of its fields")
+    expected = type(current)
+    fits = isinstance(value, expected) and not (expected is int and isinstance(value, bool))
+    fits = fits or (expected is float and isinstance(value, int) and not isinstance(value, bool))
+    if current is not None and not fits:
+        raise ValueError(
+            f"{source}: {name}={value!r} ({type(value).__name__}); the field holds "
+            f"{expected.__name__} values, like its current {current!r}"
+        )
+    return replace(section, **{head: float(value) if expected is float else value})

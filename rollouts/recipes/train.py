@@ -447,9 +447,10 @@ async def run_rl_stage(
     tokenizer: Any,
     rl_task: RLTask,
     start_model: str,
-) -> None:
+    hooks: Sequence[Any] = (),
+) -> list[dict[str, Any]]:
     """RL from `start_model` (the SFT stage's final model, or model.name with skip_sft); prints
-    held-out accuracy before and after."""
+    held-out accuracy before and after; returns the steps' metrics."""
     rl, is_main = config.rl, world is None or world.is_main
     sft_model, rl_dir = start_model, output_dir / "rl"
     backend = build_backend(
@@ -490,7 +491,7 @@ async def run_rl_stage(
     try:
         before = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         history = await run_rl_training(
-            backend, engine, task, rl.training, logger, tokenizer, reference
+            backend, engine, task, rl.training, logger, tokenizer, reference, hooks=hooks
         )
         after = await evaluate_greedy(engine, tokenizer, task, test, **greedy) if is_main else {}
         await backend.export_hf(rl_dir / "final_model")
@@ -505,6 +506,17 @@ async def run_rl_stage(
         tokenizer.save_pretrained(rl_dir / "final_model")
         summarize_rl(rl, history, before, after, rl_task, plot_metrics(rl_dir))
     _barrier(world)
+    return history
+
+
+async def run_rl_only(config: TrainConfig, hooks: Sequence[Any] = ()) -> list[dict[str, Any]]:
+    """The RL stage alone on one device, from `model.name` (as with skip_sft), as `run`
+    prepares it: what an RL hyperparameter search runs per trial. Returns the steps' metrics."""
+    rl_task = build_rl_task(config)
+    output_dir = prepare_output_dir(config)
+    tokenizer = build_tokenizer(config)
+    model_path = prepare_model_dir(config, tokenizer, output_dir, is_main=True)
+    return await run_rl_stage(config, None, output_dir, tokenizer, rl_task, model_path, hooks)
 
 
 THREADS_FILE = "threads.json"  # the SFT trainer's thread count, as the run chose it

@@ -4,6 +4,7 @@ rollouts train CONFIG.py [--section.field value ...]   # a run as a config file 
 rollouts sft --model DIR --train FILE [--val FILE]      # fine-tune on your data, no config file
 rollouts lr-find CONFIG.py [--steps N] [overrides]     # sweep the learning rate, suggest one
 rollouts tune CONFIG.py --trials N --storage sqlite:///study.db   # search hyperparameters
+rollouts tune CONFIG.py --ray --trials N --storage DIR   # the same on Ray Tune, with ASHA
 rollouts plot RUN_DIR [RUN_DIR ...] [--out PNG]   # a run's metrics.jsonl -> a PNG of its
                                                   # curves; several runs are overlaid
 """
@@ -32,8 +33,10 @@ def main(argv: list[str] | None = None) -> int:
         "--steps N --min-lr X --max-lr Y, and --section.field value",
     )  # fmt: skip
     _add_config_command(
-        commands, "tune", "search hyperparameters of a config's SFT (optuna)",
-        "--trials N --storage sqlite:///study.db [--study NAME], and --section.field value",
+        commands, "tune", "search hyperparameters of a config's SFT or RL (optuna; ray tune)",
+        "--trials N --storage sqlite:///study.db [--study NAME] [--ray --storage DIR "
+        "--ray-address A --cpus-per-trial C --gpus-per-trial G --max-concurrent M "
+        "--grace-evals E --reduction-factor R --max-failures F], and --section.field value",
     )  # fmt: skip
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(

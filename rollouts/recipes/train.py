@@ -620,8 +620,9 @@ def summarize(
 
 
 # What a user's mistake raises (a bad value, a missing or busy path, a malformed record, a
-# refused rerun): the command prints the message alone, which names the field, file or value.
-USER_ERRORS = (ValueError, OSError, RunDirectoryInUseError)
+# refused rerun, an extra not installed): the command prints the message alone, which names the
+# field, file or value (or what to install).
+USER_ERRORS = (ValueError, OSError, RunDirectoryInUseError, ImportError)
 TRACEBACK_VARIABLE = "ROLLOUTS_TRACEBACK"
 
 

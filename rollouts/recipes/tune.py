@@ -181,14 +181,22 @@ class Search:
 
 
 def prepare_search(
-    config_path: str, overrides: list[str], search_space: SearchSpace | None = None
+    config_path: str,
+    overrides: list[str],
+    search_space: SearchSpace | None = None,
+    needs_evaluations: str = "",
 ) -> Search:
-    """Load the config once (its `config` and `search_space`), check what the objective needs,
+    """Load the config once (its `config` and `search_space`), check what the objective needs
+    (`needs_evaluations`: which scheduler needs evaluations during a run, not only at its end),
     and train an RL search's shared SFT stage (or find it trained)."""
     module = config_module(config_path)  # run once: its config and its search space
     written = config_of(module, config_path)
     base = apply_overrides(written, overrides, prog=f"rollouts tune {config_path}")
     objective = objective_of(base)
+    if needs_evaluations and base.sft.eval_every_steps < 1 and objective.stage == "sft":
+        raise ValueError(
+            f"{needs_evaluations} compares trials at their evaluations: set sft.eval_every_steps"
+        )
     default = default_rl_search_space if objective.stage == "rl" else default_search_space
     space = search_space or _space_of(module) or default
     sft_model = ""
@@ -394,6 +402,9 @@ def tune_command(config_path: str, arguments: list[str]) -> None:
     parser.add_argument("--cpus-per-trial", type=float, default=1.0)
     parser.add_argument("--gpus-per-trial", type=float, default=0.0)
     parser.add_argument("--max-concurrent", type=int, default=0)
+    parser.add_argument("--grace-evals", type=int, default=1)
+    parser.add_argument("--reduction-factor", type=int, default=2)
+    parser.add_argument("--max-failures", type=int, default=1)
     search, overrides = parser.parse_known_args(arguments)
     if search.trials < 1:
         raise ValueError(f"--trials {search.trials}; must be >= 1")
@@ -410,6 +421,9 @@ def tune_command(config_path: str, arguments: list[str]) -> None:
             cpus_per_trial=search.cpus_per_trial,
             gpus_per_trial=search.gpus_per_trial,
             max_concurrent=search.max_concurrent,
+            grace_evals=search.grace_evals,
+            reduction_factor=search.reduction_factor,
+            max_failures=search.max_failures,
         )
         return
     study = run_study(

@@ -194,3 +194,20 @@ def test_search_space_mistakes_name_the_field(tmp_path: Path) -> None:
     config = search.trial_config({"rl.learning_rate": 2e-4}, tmp_path / "t")
     assert config.skip_sft and config.model.name == str(tmp_path)
     assert config.rl.learning_rate == 2e-4
+
+
+def test_tune_ray_without_ray_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    from rollouts.recipes import tune_ray
+
+    real_import = builtins.__import__
+
+    def no_ray(name: str, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    with pytest.raises(ImportError, match=r'pip install "rollouts\[ray\]"'):
+        tune_ray._ray()

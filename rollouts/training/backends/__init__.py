@@ -1,7 +1,12 @@
 """Backends (Tier 0) with the primitives (Tier 1) and factories (Tier 2) that build them."""
 
 from rollouts.training.backends.checkpointing import find_latest_checkpoint, list_checkpoints
-from rollouts.training.backends.protocol import Checkpoint, DataParallel, TrainingBackend
+from rollouts.training.backends.protocol import (
+    AdamSettings,
+    Checkpoint,
+    DataParallel,
+    TrainingBackend,
+)
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend
 from rollouts.training.backends.pytorch_factory import (
     BackendOptions,
@@ -18,6 +23,7 @@ from rollouts.training.backends.pytorch_factory import (
 )
 
 __all__ = [
+    "AdamSettings",
     "BackendOptions",
     "Checkpoint",
     "DataParallel",

@@ -42,7 +42,12 @@ from rollouts.training.backends.checkpointing import (
     step_of,
 )
 from rollouts.training.backends.lora import is_lora_model, merged_state_dict, unties_the_head
-from rollouts.training.backends.protocol import NORMALIZATIONS, Checkpoint, DataParallel
+from rollouts.training.backends.protocol import (
+    NORMALIZATIONS,
+    AdamSettings,
+    Checkpoint,
+    DataParallel,
+)
 from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
 from rollouts.training.errors import (
     NonFiniteGradientError,
@@ -144,18 +149,29 @@ class QueuedBackend(ABC):
 
     # -- the protocol: each call queues its body on the worker -------------------------------------
 
-    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
+    def forward_backward(
+        self, batch: Batch, *, loss_fn: LossFn | None = None, return_logprobs: bool = False
+    ) -> TrainFuture[dict[str, Any]]:
         values_checked = self._check_batch(batch, "forward_backward")
+        loss = self._loss_for_call(loss_fn, "forward_backward")
         return self._worker.submit(
-            "forward_backward", lambda: self._forward_backward(batch, values_checked)
+            "forward_backward",
+            lambda: self._forward_backward(batch, values_checked, loss, return_logprobs),
         )
 
-    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
+    def forward(
+        self, batch: Batch, *, loss_fn: LossFn | None = None
+    ) -> TrainFuture[dict[str, Any]]:
         values_checked = self._check_batch(batch, "forward")
-        return self._worker.submit("forward", lambda: self._forward(batch, values_checked))
+        loss = self._loss_for_call(loss_fn, "forward")
+        return self._worker.submit("forward", lambda: self._forward(batch, values_checked, loss))
 
     def optim_step(
-        self, *, learning_rate: float | None = None, layer_grad_norms: bool = False
+        self,
+        *,
+        learning_rate: float | None = None,
+        layer_grad_norms: bool = False,
+        adam: AdamSettings | None = None,
     ) -> TrainFuture[dict[str, Any]]:
         if learning_rate is not None and (
             isinstance(learning_rate, bool)
@@ -164,8 +180,12 @@ class QueuedBackend(ABC):
             or learning_rate <= 0
         ):
             raise ValueError(f"optim_step(learning_rate={learning_rate!r}); must be a number > 0")
+        if adam is not None and not isinstance(adam, AdamSettings):
+            raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
+        if adam is not None and learning_rate is not None:
+            raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
         return self._worker.submit(
-            "optim_step", lambda: self._optim_step(learning_rate, layer_grad_norms)
+            "optim_step", lambda: self._optim_step(learning_rate, layer_grad_norms, adam)
         )
 
     def discard_gradients(self) -> TrainFuture[dict[str, Any]]:
@@ -222,13 +242,15 @@ class QueuedBackend(ABC):
 
     # -- shared bodies, run on the worker thread ---------------------------------------------------
 
-    def _forward_backward(self, batch: Batch, values_checked: bool) -> dict[str, Any]:
+    def _forward_backward(
+        self, batch: Batch, values_checked: bool, loss_fn: LossFn, return_logprobs: bool
+    ) -> dict[str, Any]:
         batch = self._prepare(batch, "forward_backward", values_checked)
         weights_BT = token_weights(batch)
         self.model.train()
         with torch.enable_grad():
             logits = self._logits(batch)
-            loss = _checked_loss(self.loss_fn(logits, batch))
+            loss = _checked_loss(loss_fn(logits, batch))
             local_weight = float(weights_BT.sum())
             reference = self._reference_weight(local_weight)
             self._touch(GRADIENTS)  # from here a failure leaves half-accumulated gradients
@@ -237,28 +259,44 @@ class QueuedBackend(ABC):
         self._accum_weight += stats["token_weight"] / reference if reference else 0.0
         self._accum_tokens += stats["num_tokens"]
         self._accum_calls += 1
-        if batch.get("sampling_logprobs") is not None:  # an RL batch: the trainer's log-probs
+        if return_logprobs or batch.get("sampling_logprobs") is not None:
             stats["logprobs"] = label_logprobs(logits.detach(), batch["labels"]).cpu()
         return stats
 
     @torch.no_grad()
-    def _forward(self, batch: Batch, values_checked: bool) -> dict[str, Any]:
+    def _forward(self, batch: Batch, values_checked: bool, loss_fn: LossFn) -> dict[str, Any]:
         batch = self._prepare(batch, "forward", values_checked)
         weights_BT = token_weights(batch)
         self.model.eval()
         logits = self._logits(batch)
-        loss = _checked_loss(self.loss_fn(logits, batch))
+        loss = _checked_loss(loss_fn(logits, batch))
         stats = self._call_stats(loss, weights_BT)
         stats["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
         return stats
 
+    def _loss_for_call(self, loss_fn: LossFn | None, call: str) -> LossFn:
+        if loss_fn is None:
+            return self.loss_fn
+        if not callable(loss_fn):
+            raise TypeError(f"{call}(loss_fn=...) takes a loss function, got {type(loss_fn)}")
+        return loss_fn
+
     def _optim_step(
-        self, learning_rate: float | None = None, layer_grad_norms: bool = False
+        self,
+        learning_rate: float | None = None,
+        layer_grad_norms: bool = False,
+        adam: AdamSettings | None = None,
     ) -> dict[str, Any]:
         scale = self._normalisation_scale()
         self._touch(GRADIENTS)
         by_layer = self._layer_grad_norms(scale) if layer_grad_norms else None
-        grad_norm = self._clip_gradients(scale)
+        configured_clip = self.max_grad_norm
+        try:
+            if adam is not None:
+                self.max_grad_norm = adam.max_grad_norm
+            grad_norm = self._clip_gradients(scale)
+        finally:
+            self.max_grad_norm = configured_clip
         if self._refuses_non_finite() and not math.isfinite(grad_norm):
             self._discard_gradients()
             self._worker.settle()  # the step's gradients are gone; weights and schedule intact
@@ -268,17 +306,22 @@ class QueuedBackend(ABC):
                 "last good step"
             )
         groups = self.optimizer.param_groups
-        scheduled = [group["lr"] for group in groups]
-        lr = float(scheduled[0] if learning_rate is None else learning_rate)  # this step's rate
+        saved = [dict(group) for group in groups]  # settings only: the params list is shared
+        if adam is not None:
+            learning_rate = adam.learning_rate
+        lr = float(saved[0]["lr"] if learning_rate is None else learning_rate)  # this step's rate
         self._touch(WEIGHTS)
         try:
-            if learning_rate is not None:
-                for group in groups:
-                    group["lr"] = learning_rate
+            for group in groups:
+                group["lr"] = lr
+                if adam is not None:
+                    group.update(betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
             skipped = self._step_optimizer() is False
-        finally:  # the override is this step's only; the schedule goes on from its own rates
-            for group, rate in zip(groups, scheduled, strict=True):
-                group["lr"] = rate
+        finally:  # the overrides are this step's only; the schedule goes on from its own rates
+            for group, settings in zip(groups, saved, strict=True):
+                for key in ("lr", "betas", "eps", "weight_decay"):
+                    if key in settings:
+                        group[key] = settings[key]
         if not skipped:
             if self.scheduler is not None:
                 self.scheduler.step()

@@ -58,9 +58,9 @@ import torch
 
 from rollouts.core.futures import TrainFuture
 from rollouts.core.weights import WeightUpdate
-from rollouts.training.losses import Batch
+from rollouts.training.losses import Batch, LossFn
 
-__all__ = ["NORMALIZATIONS", "Checkpoint", "DataParallel", "TrainingBackend"]
+__all__ = ["NORMALIZATIONS", "AdamSettings", "Checkpoint", "DataParallel", "TrainingBackend"]
 
 NORMALIZATIONS = ("token_mean", "sum")
 
@@ -97,6 +97,35 @@ class Checkpoint:
     path: Path
 
 
+@dataclass(frozen=True, kw_only=True)
+class AdamSettings:
+    """One `optim_step`'s AdamW settings (decoupled weight decay), replacing the backend's own for
+    that step only: a caller that sends them with every step (the Tinker API) sets them all."""
+
+    learning_rate: float
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None  # clip the gradient norm to this; None: no clipping
+
+    def __post_init__(self) -> None:
+        numbers = {"learning_rate": self.learning_rate, "eps": self.eps,
+                   "weight_decay": self.weight_decay}  # fmt: skip
+        for name, value in numbers.items():
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise ValueError(f"AdamSettings.{name}={value!r}; must be a number >= 0")
+        if not (self.learning_rate > 0 and self.eps > 0):
+            raise ValueError(
+                f"AdamSettings learning_rate={self.learning_rate}, eps={self.eps}; both must be > 0"
+            )
+        if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
+            raise ValueError(f"AdamSettings.betas={self.betas!r}; must be two numbers in [0, 1)")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(
+                f"AdamSettings.max_grad_norm={self.max_grad_norm!r}; must be > 0, or None (off)"
+            )
+
+
 @runtime_checkable
 class TrainingBackend(Protocol):
     """A model, its optimizer and loss behind an ordered stream of asynchronous calls."""
@@ -114,19 +143,30 @@ class TrainingBackend(Protocol):
         """Parameters of the whole model (all ranks' shards together), for FLOP estimates."""
         ...
 
-    def forward_backward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
-        """Forward, loss, backward; gradients accumulate until `optim_step`."""
+    def forward_backward(
+        self, batch: Batch, *, loss_fn: LossFn | None = None, return_logprobs: bool = False
+    ) -> TrainFuture[dict[str, Any]]:
+        """Forward, loss, backward; gradients accumulate until `optim_step`. `loss_fn` replaces
+        the backend's loss for this call; `return_logprobs` adds the per-token label log-probs
+        (an RL batch, with `sampling_logprobs`, always has them)."""
         ...
 
-    def forward(self, batch: Batch) -> TrainFuture[dict[str, Any]]:
+    def forward(
+        self, batch: Batch, *, loss_fn: LossFn | None = None
+    ) -> TrainFuture[dict[str, Any]]:
         """Forward and loss without gradients; also returns per-token label log-probs."""
         ...
 
     def optim_step(
-        self, *, learning_rate: float | None = None, layer_grad_norms: bool = False
+        self,
+        *,
+        learning_rate: float | None = None,
+        layer_grad_norms: bool = False,
+        adam: AdamSettings | None = None,
     ) -> TrainFuture[dict[str, Any]]:
         """Normalise, clip, step the optimizer and scheduler, zero the gradients. `learning_rate`
-        replaces the scheduled rate for this step only (a learning-rate sweep, say);
+        replaces the scheduled rate for this step only (a learning-rate sweep, say); `adam`
+        replaces rate, betas, eps, weight decay and clipping for this step only;
         `layer_grad_norms` adds {"layer_grad_norms": {layer: norm before clipping}}."""
         ...
 

@@ -5,6 +5,7 @@ rollouts sft --model DIR --train FILE [--val FILE]      # fine-tune on your data
 rollouts lr-find CONFIG.py [--steps N] [overrides]     # sweep the learning rate, suggest one
 rollouts tune CONFIG.py --trials N --storage sqlite:///study.db   # search hyperparameters
 rollouts tune CONFIG.py --ray --trials N --storage DIR   # the same on Ray Tune, with ASHA
+rollouts serve --model DIR [--port N] [--api-key tml-...]   # the Tinker API on a local model
 rollouts plot RUN_DIR [RUN_DIR ...] [--out PNG]   # a run's metrics.jsonl -> a PNG of its
                                                   # curves; several runs are overlaid
 """
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         "--ray-address A --cpus-per-trial C --gpus-per-trial G --max-concurrent M "
         "--grace-evals E --reduction-factor R --max-failures F], and --section.field value",
     )  # fmt: skip
+    from rollouts.serve.app import add_serve_arguments
+
+    add_serve_arguments(commands.add_parser("serve", help="serve the Tinker API on a local model"))
     plot = commands.add_parser("plot", help="draw runs' metrics (loss, lr, grad norm, ...)")
     plot.add_argument(
         "runs", type=Path, nargs="+", help="run directories holding metrics.jsonl, or the files"
@@ -59,6 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return report_user_errors(
             lambda: command(args.config, args.overrides), f"rollouts {args.command}"
         )
+    if args.command == "serve":
+        from rollouts.recipes.train import report_user_errors
+        from rollouts.serve.app import serve_command
+
+        return report_user_errors(lambda: serve_command(args), "rollouts serve")
     if args.command == "plot":
         from rollouts.monitoring.logging import plot_metrics
 

@@ -155,6 +155,17 @@ class _EngineCore:
         ]
         return [completions[i : i + num_samples] for i in range(0, len(rows), num_samples)]
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompts: list[list[int]]) -> list[list[float]]:
+        """log p(token i | tokens < i) for i >= 1 of each prompt, one forward per prompt."""
+        scored = []
+        for prompt in prompts:
+            input_ids = torch.tensor([prompt], device=next(self.model.parameters()).device)
+            logits = self.model(input_ids=input_ids).logits.float()
+            logprobs = torch.log_softmax(logits[0, :-1], dim=-1)
+            scored.append(logprobs.gather(1, input_ids[0, 1:, None])[:, 0].tolist())
+        return scored
+
     def load_weights(self, state_dict: Mapping[str, torch.Tensor], version: int) -> None:
         # load_state_dict copies into the model's own tensors: nothing of `state_dict` is kept.
         self.model.load_state_dict(state_dict, strict=True)
@@ -291,6 +302,12 @@ class HFRolloutEngine:
         args = (prompt_lists, num_samples, params, seed)
         return self._submit("sample", partial(self._sample, args))
 
+    def prompt_logprobs(self, prompts: Sequence[Sequence[int]]) -> TrainFuture[list[list[float]]]:
+        """Each prompt's token log-probs under the loaded weights: entry i - 1 scores token i
+        given the tokens before it (the first token has none), at temperature 1."""
+        prompt_lists = self._validate_prompts(prompts, SamplingParams(max_tokens=1))
+        return self._submit("prompt_logprobs", partial(self._prompt_logprobs, prompt_lists))
+
     def load_weights(
         self, weights: WeightUpdate | Mapping[str, torch.Tensor], version: int
     ) -> TrainFuture[None]:
@@ -368,6 +385,11 @@ class HFRolloutEngine:
         if self._core is not None:
             return self._core.sample(*args)
         return self._call_child(label, "sample", args)
+
+    def _prompt_logprobs(self, prompts: list[list[int]], label: str) -> list[list[float]]:
+        if self._core is not None:
+            return self._core.prompt_logprobs(prompts)
+        return self._call_child(label, "prompt_logprobs", (prompts,))
 
     def _load_weights(self, snapshot: dict[str, torch.Tensor], version: int, label: str) -> None:
         # From here on a failure may have left some tensors copied and others not.

@@ -193,6 +193,11 @@ class QueuedBackend(ABC):
             "discard_gradients", self._discard_gradients, recovers=(GRADIENTS,)
         )
 
+    def clear_optimizer_state(self) -> TrainFuture[dict[str, Any]]:
+        """Forget the optimizer's per-parameter state (Adam's moments), keeping the weights and
+        the step count: what loading weights without the optimizer means (not in the protocol)."""
+        return self._worker.submit("clear_optimizer_state", self._clear_optimizer_state)
+
     def save_checkpoint(self, step: int) -> TrainFuture[Path]:
         final_path = checkpoint_path(self.checkpoint_dir, step)  # a bad step raises here
         return self._worker.submit("save_checkpoint", lambda: self._save_checkpoint(final_path))
@@ -332,6 +337,11 @@ class QueuedBackend(ABC):
             result["layer_grad_norms"] = by_layer
         self._discard_gradients()
         return result
+
+    def _clear_optimizer_state(self) -> dict[str, Any]:
+        cleared = len(self.optimizer.state)
+        self.optimizer.state.clear()
+        return {"cleared_parameters": cleared}
 
     def _discard_gradients(self) -> dict[str, Any]:
         discarded = self._accum_calls

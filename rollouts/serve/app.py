@@ -195,9 +195,13 @@ def serve_command(args: Any) -> None:
     if args.api_key and not args.api_key.startswith("tml-"):
         raise ValueError(f"--api-key {args.api_key[:8]}...: the tinker SDK sends only keys that "
                          "start with 'tml-'")  # fmt: skip
+    if args.threads:  # the process's intra-op threads, once: every model shares them
+        import torch
+
+        torch.set_num_threads(args.threads)
     state = ServerState(
         str(model_dir), args.model_name or str(model_dir), Path(args.root),
-        device_type=args.device, queue_limit=args.queue_limit, num_threads=args.threads,
+        device_type=args.device, queue_limit=args.queue_limit,
     )  # fmt: skip
     app = build_app(state, api_key=args.api_key, max_request_bytes=args.max_request_mb << 20)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
@@ -220,4 +224,4 @@ def add_serve_arguments(parser: Any) -> None:
     parser.add_argument("--root", default="rollouts-serve", help="where saved states live")
     parser.add_argument("--queue-limit", type=int, default=64, help="calls waiting per model")
     parser.add_argument("--max-request-mb", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per backend")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")

@@ -230,7 +230,8 @@ class ServerState:
             raise ServeError(f"model {model_id} exists already", status=409)
         lora = body.get("lora_config") or {}
         options = lora_options(lora)
-        return self.futures.start(lambda: self._build_model(model_id, options, None, True))
+        answer = {"model_id": model_id, "type": "create_model"}
+        return self.futures.start(lambda: self._build_model(model_id, options, None, True, answer))
 
     def load_into_new_model(self, body: dict[str, Any]) -> str:
         """`create_training_client_from_state`: a new model from a saved state."""
@@ -240,19 +241,28 @@ class ServerState:
         source = self.weights_dir(body.get("path"), "weights")
         run = json.loads((source.parent.parent / "run.json").read_text())
         optimizer = bool(body.get("optimizer", False))
+        answer = {"model_id": model_id, "path": body["path"], "type": "load_weights"}
         return self.futures.start(
-            lambda: self._build_model(model_id, run["options"], source, optimizer)
+            lambda: self._build_model(model_id, run["options"], source, optimizer, answer)
         )
 
     async def _build_model(
-        self, model_id: str, options: dict[str, Any], state: Path | None, optimizer: bool
+        self,
+        model_id: str,
+        options: dict[str, Any],
+        state: Path | None,
+        optimizer: bool,
+        answer: dict[str, Any],
     ) -> Result:
         run_dir = self.root / "runs" / model_id
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"base_model": self.model_name,
                                                       "options": options}))  # fmt: skip
-        backend = await asyncio.to_thread(
-            create_pytorch_backend, self.model_dir, run_dir / "checkpoints",
+        # Built on the event loop's thread, not a helper thread: LoRA's adapters are drawn from
+        # torch's global generator under a fixed seed, and built on a helper thread they came
+        # out differently from one model to the next (measured); requests wait meanwhile.
+        backend = create_pytorch_backend(
+            self.model_dir, run_dir / "checkpoints",
             device_type=self.device_type, normalization="sum", max_grad_norm=None,
             learning_rate=1e-4, num_threads=self.num_threads, **options,
         )  # fmt: skip
@@ -261,7 +271,7 @@ class ServerState:
             await load_state(model, state, optimizer)
         self.models[model_id] = model
         self._tasks.append(asyncio.ensure_future(model.serve()))
-        return ("json", {"model_id": model_id, "type": "create_model"})
+        return ("json", answer)
 
     def model(self, model_id: Any) -> TrainedModel:
         found = self.models.get(model_id) if isinstance(model_id, str) else None

@@ -9,6 +9,8 @@ it. The `kind` says how to apply it, so the transfer can change without changing
 - "adapter" (LoRA): for each adapted base weight `w`, `tensors["w::lora_A"]` [rank, in],
   `tensors["w::lora_B"]` [out, rank] and `scales[w]`; the engine keeps its base weights and
   sets W = W_base + scale * B @ A. A few megabytes where the full model is gigabytes.
+- "remote": no tensors; `location` names weights saved on a service (a Tinker sampler path),
+  which a remote engine samples from.
 - An in-place or NCCL transfer for a GPU engine would be a further kind, carrying a handle
   instead of tensors.
 
@@ -24,7 +26,7 @@ import torch
 
 __all__ = ["ADAPTER_SUFFIXES", "WEIGHT_UPDATE_KINDS", "WeightUpdate", "as_weight_update"]
 
-WEIGHT_UPDATE_KINDS = ("full", "adapter")
+WEIGHT_UPDATE_KINDS = ("full", "adapter", "remote")
 ADAPTER_SUFFIXES = ("::lora_A", "::lora_B")
 
 
@@ -35,6 +37,7 @@ class WeightUpdate:
     tensors: Mapping[str, torch.Tensor]
     kind: str = "full"
     scales: Mapping[str, float] = field(default_factory=dict)  # "adapter": w -> alpha / rank
+    location: str = ""  # "remote": where the service keeps the weights
 
     def __post_init__(self) -> None:
         if self.kind not in WEIGHT_UPDATE_KINDS:
@@ -44,6 +47,11 @@ class WeightUpdate:
         for name, tensor in self.tensors.items():
             if not isinstance(tensor, torch.Tensor):
                 raise TypeError(f"WeightUpdate.tensors[{name!r}] is a {type(tensor).__name__}")
+        if (self.kind == "remote") != bool(self.location) or (
+            self.kind == "remote" and self.tensors
+        ):
+            raise ValueError("WeightUpdate: kind 'remote' has a location and no tensors; the "
+                             "other kinds have tensors and no location")  # fmt: skip
         if self.kind == "adapter":
             self._check_adapter()
         elif self.scales:

@@ -49,6 +49,7 @@ __all__ = [
     "make_rl_loss",
     "ratio_diagnostics",
     "rl_diagnostics",
+    "tinker_spec",
     "token_weights",
     "weighted_mean",
 ]
@@ -206,6 +207,20 @@ def _finish(
     return weighted_mean(per_token_BT, weights_BT)
 
 
+def tinker_spec(loss_fn: LossFn) -> tuple[str, dict[str, float]] | None:
+    """The Tinker API's name and config for `loss_fn`, when one of its losses computes the same
+    sum over tokens (cross-entropy, importance sampling, PPO and CISPO without a KL term)."""
+    return getattr(loss_fn, "tinker_spec", None)
+
+
+def _named(loss_fn: LossFn, name: str, **config: float) -> LossFn:
+    loss_fn.tinker_spec = (name, config)  # type: ignore[attr-defined]
+    return loss_fn
+
+
+cross_entropy_loss.tinker_spec = ("cross_entropy", {})  # type: ignore[attr-defined]
+
+
 def make_cross_entropy_loss(kl_coef: float = 0.0) -> LossFn:
     """Token-weighted negative log-likelihood (SFT), optionally with the k3 KL penalty."""
     _check_kl_coef(kl_coef)
@@ -229,7 +244,7 @@ def make_importance_sampling_loss(kl_coef: float = 0.0) -> LossFn:
         ratio_BT = torch.exp(log_ratio_BT.clamp(max=_LOG_RATIO_MAX))
         return _finish(-ratio_BT * adv_BT, weights_BT, logp_BT, batch, kl_coef, "importance")
 
-    return loss_fn
+    return _named(loss_fn, "importance_sampling") if kl_coef == 0 else loss_fn
 
 
 def make_ppo_loss(
@@ -249,7 +264,9 @@ def make_ppo_loss(
         per_token_BT = -torch.minimum(unclipped_BT, clipped_BT)
         return _finish(per_token_BT, weights_BT, logp_BT, batch, kl_coef, "ppo")
 
-    return loss_fn
+    if kl_coef > 0:
+        return loss_fn
+    return _named(loss_fn, "ppo", clip_low_threshold=clip_low, clip_high_threshold=clip_high)
 
 
 def make_cispo_loss(
@@ -270,7 +287,9 @@ def make_cispo_loss(
         per_token_BT = -ratio_BT.clamp(clip_low, clip_high) * logp_BT * adv_BT
         return _finish(per_token_BT, weights_BT, logp_BT, batch, kl_coef, "cispo")
 
-    return loss_fn
+    if kl_coef > 0:
+        return loss_fn
+    return _named(loss_fn, "cispo", clip_low_threshold=clip_low, clip_high_threshold=clip_high)
 
 
 def make_dro_loss(beta: float = DRO_BETA_DEFAULT, kl_coef: float = 0.0) -> LossFn:

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "sft": {"core", "data", "monitoring", "training"},
     "rl": {"core", "inference", "monitoring", "tasks", "training"},
     "recipes": {"core", "data", "inference", "monitoring", "rl", "sft", "tasks", "training"},
-    "cli": {"monitoring", "recipes"},
+    "serve": {"core", "inference", "training"},
+    "cli": {"monitoring", "recipes", "serve"},
 }
 
 

@@ -17,12 +17,10 @@ from _sft_helpers import ListLogger, addition_data
 
 from rollouts.data import build_char_tokenizer, collate_padded
 from rollouts.inference import SamplingParams
+from rollouts.inference.tinker_engine import TinkerRolloutEngine
 from rollouts.sft import SFTTrainingConfig, run_sft_training
 from rollouts.training.backends import create_pytorch_backend
-from rollouts.training.backends.tinker import (
-    TinkerRolloutEngine,
-    TinkerTrainingBackend,
-)
+from rollouts.training.backends.tinker import TinkerTrainingBackend
 from rollouts.training.losses import make_dro_loss
 
 CONFIG = SFTTrainingConfig(micro_batch_size=8, grad_accum_steps=2, max_steps=4, shuffle=True,

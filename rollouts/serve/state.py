@@ -199,6 +199,11 @@ class ServerState:
         self._engine: HFRolloutEngine | None = None
         self._loaded = ""  # the snapshot key the engine holds now
         self._sample_lock = asyncio.Lock()
+        # torch's global random generator is one per process: a LoRA build draws its adapters
+        # from it under a fixed seed and a checkpoint load restores it, so two of these at once
+        # (a client that creates its next model before the last is ready) would interleave and
+        # give a model other adapters than its seed says. They take turns.
+        self._rng_lock = asyncio.Lock()
         root.mkdir(parents=True, exist_ok=True)
 
     # -- sessions --------------------------------------------------------------------------------
@@ -258,17 +263,15 @@ class ServerState:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "run.json").write_text(json.dumps({"base_model": self.model_name,
                                                       "options": options}))  # fmt: skip
-        # Built on the event loop's thread, not a helper thread: LoRA's adapters are drawn from
-        # torch's global generator under a fixed seed, and built on a helper thread they came
-        # out differently from one model to the next (measured); requests wait meanwhile.
-        backend = create_pytorch_backend(
-            self.model_dir, run_dir / "checkpoints",
-            device_type=self.device_type, normalization="sum", max_grad_norm=None,
-            learning_rate=1e-4, num_threads=self.num_threads, **options,
-        )  # fmt: skip
-        model = TrainedModel(model_id, run_dir, int(options.get("lora_rank", 0)), backend)
-        if state is not None:
-            await load_state(model, state, optimizer)
+        async with self._rng_lock:
+            backend = await asyncio.to_thread(
+                create_pytorch_backend, self.model_dir, run_dir / "checkpoints",
+                device_type=self.device_type, normalization="sum", max_grad_norm=None,
+                learning_rate=1e-4, num_threads=self.num_threads, **options,
+            )  # fmt: skip
+            model = TrainedModel(model_id, run_dir, int(options.get("lora_rank", 0)), backend)
+            if state is not None:
+                await load_state(model, state, optimizer)
         self.models[model_id] = model
         self._tasks.append(asyncio.ensure_future(model.serve()))
         return ("json", answer)
@@ -372,7 +375,8 @@ class ServerState:
             optimizer = bool(body.get("optimizer", False))
 
             async def work(model: TrainedModel) -> Result:
-                await load_state(model, source, optimizer)
+                async with self._rng_lock:
+                    await load_state(model, source, optimizer)
                 return ("json", {"path": body["path"], "type": "load_weights"})
 
             return work

@@ -1,6 +1,6 @@
 """`TinkerTrainingBackend`: our `TrainingBackend` protocol over the Tinker API's training client,
 so `run_sft_training` and `run_rl_training` drive a Tinker service (hosted, or `rollouts serve`)
-unchanged; and `TinkerRolloutEngine`, sampling from the weights it saves.
+unchanged (`rollouts.inference.tinker_engine.TinkerRolloutEngine` samples the weights it saves).
 
     backend = TinkerTrainingBackend.create(
         base_url="http://127.0.0.1:8000", api_key="tml-...", base_model="./my-model",
@@ -21,7 +21,7 @@ refusals and shutdown behave as on the other backends. Mapping:
 - `save_checkpoint(step)` saves the state on the service (`save_state`) and writes a local
   directory `step_N/` naming it, so checkpoints list and load as on any backend.
 - `sampler_weights()` saves weights for sampling and returns a `WeightUpdate` of kind "remote"
-  naming them; `TinkerRolloutEngine.load_weights` points its sampler there.
+  naming them; the Tinker rollout engine's `load_weights` points its sampler there.
 - The weights themselves never come back: `get_weights` and `export_hf` are refused.
 """
 
@@ -37,7 +37,6 @@ import torch
 from rollouts.core.futures import TrainFuture
 from rollouts.core.weights import WeightUpdate
 from rollouts.core.worker import SerialWorker
-from rollouts.inference.protocol import Completion, SamplingParams
 from rollouts.training.backends.checkpointing import (
     checkpoint_path,
     delete_directory,
@@ -54,7 +53,7 @@ from rollouts.training.losses import (
     token_weights,
 )
 
-__all__ = ["TinkerRolloutEngine", "TinkerTrainingBackend"]
+__all__ = ["TinkerTrainingBackend", "tinker_datums"]
 
 TINKER_HINT = 'the Tinker backend needs the tinker SDK: pip install "rollouts[serve]"'
 CHECKPOINT_FILE = "tinker_state.json"  # in each local step_N/: the service's path of the state
@@ -307,65 +306,3 @@ def tinker_datums(batch: Batch, loss_name: str) -> tuple[list[Any], BatchShape]:
         ))  # fmt: skip
     shape = (len(lengths), input_ids.shape[1], float(weights_BT.sum()), int((weights_BT > 0).sum()))
     return data, shape
-
-
-class TinkerRolloutEngine:
-    """Samples through the Tinker API from the weights `TinkerTrainingBackend.sampler_weights`
-    saved (a `WeightUpdate` of kind "remote"), or the base model until the first load."""
-
-    def __init__(self, service_client: Any, base_model: str, tokenizer: Any) -> None:
-        self.service_client, self.tokenizer = service_client, tokenizer
-        self._sampler = service_client.create_sampling_client(base_model=base_model)
-        self._version = 0
-        self._worker = SerialWorker("TinkerRolloutEngine")
-
-    @property
-    def weight_version(self) -> int:
-        return self._version
-
-    def load_weights(self, weights: WeightUpdate, version: int) -> TrainFuture[None]:
-        if not isinstance(weights, WeightUpdate) or weights.kind != "remote":
-            raise ValueError("TinkerRolloutEngine.load_weights takes a WeightUpdate of kind "
-                             "'remote' (from TinkerTrainingBackend.sampler_weights())")  # fmt: skip
-        self._version = version
-
-        def load() -> None:
-            self._sampler = self.service_client.create_sampling_client(model_path=weights.location)
-
-        return self._worker.submit("load_weights", load)
-
-    def sample(
-        self, prompts: Any, num_samples: int, params: SamplingParams
-    ) -> TrainFuture[list[list[Completion]]]:
-        version = self._version
-        return self._worker.submit(
-            "sample", lambda: [self._sample(list(p), num_samples, params, version) for p in prompts]
-        )
-
-    def _sample(
-        self, prompt: list[int], num_samples: int, params: SamplingParams, version: int
-    ) -> list[Completion]:
-        tinker = _tinker()
-        result = self._sampler.sample(
-            prompt=tinker.types.ModelInput.from_ints(prompt),
-            num_samples=num_samples,
-            sampling_params=tinker.types.SamplingParams(
-                max_tokens=params.max_tokens, temperature=params.temperature, top_k=params.top_k,
-                top_p=params.top_p, seed=params.seed,
-                stop=list(params.stop) if params.stop else None,
-            ),
-        ).result()  # fmt: skip
-        completions = []
-        for sequence in result.sequences:
-            text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
-            for stop in params.stop or ():
-                text = text.split(stop)[0]
-            completions.append(Completion(
-                prompt_token_ids=prompt, token_ids=list(sequence.tokens),
-                logprobs=list(sequence.logprobs or []), text=text,
-                finish_reason=sequence.stop_reason, weight_version=version,
-            ))  # fmt: skip
-        return completions
-
-    def close(self) -> None:
-        self._worker.close()

@@ -6,6 +6,7 @@ the service cannot compute is refused; the rollout engine samples the saved weig
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,32 @@ def test_sft_through_the_service_equals_the_local_backend(served, tmp_path: Path
 
 def _batches(data):
     yield collate_padded(list(data.examples[:8]), pad_token_id=0)
+
+
+def test_rl_through_the_service_trains_with_the_tinker_engine(served, tmp_path: Path) -> None:
+    from rollouts.rl import RLTrainingConfig, run_rl_training
+    from rollouts.tasks.addition import AdditionTask, generate_examples
+    from rollouts.training.losses import make_importance_sampling_loss
+
+    server, model_dir = served
+    task = AdditionTask(generate_examples("train", 16, 0, 2), generate_examples("val", 4, 0, 2))
+    remote = TinkerTrainingBackend.create(
+        base_url=server.url, api_key=API_KEY, base_model=str(model_dir),
+        checkpoint_dir=tmp_path / "rl", lora_rank=4, learning_rate=0.01,
+        loss_fn=make_importance_sampling_loss(),
+    )  # fmt: skip
+    engine = TinkerRolloutEngine(remote.service_client, str(model_dir), build_char_tokenizer())
+    config = RLTrainingConfig(num_steps=2, prompts_per_step=4, group_size=4, max_tokens=4,
+                              eval_every_steps=0, progress_bar=False,
+                              drop_constant_groups=False)  # fmt: skip
+    with remote:
+        history = asyncio.run(run_rl_training(remote, engine, task, config))
+        assert [m["step"] for m in history] == [1, 2] and engine.weight_version == 2
+        assert all(math.isfinite(m["loss"]) for m in history)
+        # The trainer scored the sampler's tokens at the sampler's weights: ratios start at 1.
+        assert abs(history[0]["ratio_p50"] - 1.0) < 1e-3, history[0]
+        with pytest.raises(ValueError, match="temperature 1 only"):
+            batch = {"input_ids": torch.ones(1, 3, dtype=torch.long),
+                     "labels": torch.ones(1, 3, dtype=torch.long), "temperature": 0.7}  # fmt: skip
+            remote.forward(batch)
+    engine.close()

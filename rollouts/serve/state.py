@@ -14,6 +14,8 @@ snapshots and the futures a client polls, with the Tinker API's semantics and no
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -458,7 +460,10 @@ class ServerState:
         sampler = body.get("sampling_session_id")
         if sampler not in self.samplers:
             raise ServeError(f"unknown sampling session {sampler!r}", status=404)
-        request = sample_request(body)
+        prompt, num_samples, params, stop_tokens, with_prompt_logprobs = sample_request(body)
+        if params.seed is None:  # a seed of its own per request, rather than the clock's
+            params = dataclasses.replace(params, seed=derived_seed(sampler, body.get("seq_id", 0)))
+        request = (prompt, num_samples, params, stop_tokens, with_prompt_logprobs)
 
         async def work() -> Result:
             return await self._sample(self.samplers[sampler], *request)
@@ -637,6 +642,12 @@ def sample_request(body: dict[str, Any]) -> tuple[Any, ...]:
     except ValueError as error:
         raise ServeError(f"sampling_params: {error}") from None
     return prompt, num_samples, params, tokens, bool(body.get("prompt_logprobs", False))
+
+
+def derived_seed(sampler: str, seq_id: Any) -> int:
+    """A request's sampling seed when it gives none: from its sampler and seq_id alone."""
+    digest = hashlib.sha256(f"{sampler}:{seq_id}".encode()).digest()
+    return int.from_bytes(digest[:7], "little")
 
 
 def cut_at_stop_tokens(

@@ -285,6 +285,13 @@ BatchShape = tuple[int, int, float, int]  # rows, width, token weight, weighted 
 def tinker_datums(batch: Batch, loss_name: str) -> tuple[list[Any], BatchShape]:
     """Our [B, T] batch as Tinker datums, one per row (see the module docstring)."""
     tinker = _tinker()
+    temperature = batch.get("temperature")
+    if temperature is not None and float(temperature) != 1.0:
+        raise ValueError(
+            f"a batch sampled at temperature {float(temperature)}: the Tinker API scores "
+            "log-probs at temperature 1 only, so its RL losses would not match the sampler; "
+            "sample at temperature 1"
+        )
     input_ids, labels = batch["input_ids"], batch["labels"]
     weights_BT = token_weights(batch)
     mask = batch.get("attention_mask")

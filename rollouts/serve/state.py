@@ -56,6 +56,7 @@ _log = logging.getLogger("rollouts.serve")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:=-]{0,199}$")  # no '/', no leading '.'
 UNNAMED_SNAPSHOTS_KEPT = 8  # unnamed sampler snapshots held in memory; older ones are dropped
 FUTURES_KEPT = 10_000  # finished futures kept for a client to collect
+SEQ_IDS_KEPT = 4_096  # the latest seq_ids of a model whose retry still gets its future
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 Result = tuple[str, Any]  # ("json", dict) | ("proto", bytes) | ("error", (message, category))
@@ -169,6 +170,9 @@ class TrainedModel:
         while self.next_seq in self.waiting:
             self.queue.put_nowait(self.waiting.pop(self.next_seq))
             self.next_seq += 1
+        if len(self.requests) > 2 * SEQ_IDS_KEPT:  # a retry comes soon, or never
+            oldest_kept = self.next_seq - SEQ_IDS_KEPT
+            self.requests = {k: v for k, v in self.requests.items() if k >= oldest_kept}
         return request_id
 
     async def serve(self) -> None:
@@ -195,6 +199,7 @@ class ServerState:
         self.futures = Futures()
         self.sessions: dict[str, dict[str, Any]] = {}
         self.models: dict[str, TrainedModel] = {}
+        self.creations: dict[str, str] = {}  # model id -> the request id that builds it
         self.samplers: dict[str, str] = {}  # sampling session id -> snapshot key
         self.unnamed: OrderedDict[str, WeightUpdate] = OrderedDict()
         self._tasks: list[asyncio.Task[None]] = []
@@ -233,25 +238,34 @@ class ServerState:
         self.session(session_id)
         self.base_model(body.get("base_model"))
         model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
-        if model_id in self.models:
-            raise ServeError(f"model {model_id} exists already", status=409)
-        lora = body.get("lora_config") or {}
-        options = lora_options(lora)
+        if model_id in self.creations:  # a retried create gets the future it already has
+            return self.creations[model_id]
+        options = lora_options(body.get("lora_config") or {})
         answer = {"model_id": model_id, "type": "create_model"}
-        return self.futures.start(lambda: self._build_model(model_id, options, None, True, answer))
+        return self._create(model_id, lambda: self._build_model(model_id, options, None, True,
+                                                                answer))  # fmt: skip
+
+    def _create(self, model_id: str, build: Callable[[], Awaitable[Result]]) -> str:
+        request_id = self.futures.start(build)
+        self.creations[model_id] = request_id
+        return request_id
 
     def load_into_new_model(self, body: dict[str, Any]) -> str:
         """`create_training_client_from_state`: a new model from a saved state."""
         session_id = body.get("session_id")
         self.session(session_id)
         model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+        if model_id in self.creations:
+            return self.creations[model_id]
         source = self.weights_dir(body.get("path"), "weights")
-        run = json.loads((source.parent.parent / "run.json").read_text())
+        record = source.parent.parent / "run.json"
+        if not record.is_file():
+            raise ServeError(f"{body['path']}: its run record is missing on this server", 404)
+        options = json.loads(record.read_text())["options"]
         optimizer = bool(body.get("optimizer", False))
         answer = {"model_id": model_id, "path": body["path"], "type": "load_weights"}
-        return self.futures.start(
-            lambda: self._build_model(model_id, run["options"], source, optimizer, answer)
-        )
+        return self._create(model_id, lambda: self._build_model(model_id, options, source,
+                                                                optimizer, answer))  # fmt: skip
 
     async def _build_model(
         self,

@@ -206,7 +206,14 @@ def serve_command(args: Any) -> None:
     app = build_app(state, api_key=args.api_key, max_request_bytes=args.max_request_mb << 20)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((args.host, args.port))
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as error:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {args.host}:{args.port}: {error.strerror}; pick another --port "
+            "(0: any free one) or --host"
+        ) from None
     host, port = sock.getsockname()[:2]
     print(f"rollouts serve: {state.model_name!r} at http://{host}:{port} (root {args.root})",
           flush=True)  # fmt: skip

@@ -80,7 +80,7 @@ def test_the_chat_and_math_recipes_train_against_the_server(tmp_path: Path) -> N
             "tinker_cookbook.recipes.math_rl.train", *common, "env=arithmetic",
             "loss_fn=importance_sampling", f"log_path={tmp_path / 'rl'}",
             f"load_checkpoint_path={state['state_path']}", "groups_per_batch=8",
-            "group_size=8", "max_tokens=12", "learning_rate=1e-3", "max_steps=10",
+            "group_size=8", "max_tokens=10", "learning_rate=1e-3", "max_steps=10",
             "eval_every=0", "save_every=0",
         )  # fmt: skip
         reward = [r["env/all/reward/total"] for r in rl]

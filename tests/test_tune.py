@@ -125,7 +125,7 @@ def search_space(trial):
 """
 RL_SHRINK = [*SHRINK, "--rl.training.num_steps", "4", "--rl.training.eval_every_steps", "2",
              "--rl.training.prompts_per_step", "4", "--rl.training.group_size", "4",
-             "--rl.training.eval_max_prompts", "24", "--rl.test_examples", "24",
+             "--rl.training.eval_max_prompts", "12", "--rl.test_examples", "12",
              "--rl.training.success_reward", "0.5", "--rl.engine_mode", "thread",
              "--rl.training.no-async_mode"]  # fmt: skip
 

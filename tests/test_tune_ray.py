@@ -31,7 +31,7 @@ def search_space(trial):
     rate = next(RATES)
     return {{"sft.learning_rate": trial.suggest_float("sft.learning_rate", rate, rate)}}
 """
-SHRINK = ["--sft.max_steps", "24", "--sft.eval_every_steps", "4", "--sft.save_every_steps", "4",
+SHRINK = ["--sft.max_steps", "16", "--sft.eval_every_steps", "4", "--sft.save_every_steps", "4",
           "--data.task", "", "--model.hidden_size", "32", "--model.intermediate_size", "64",
           "--model.num_hidden_layers", "1"]  # fmt: skip
 
@@ -84,9 +84,9 @@ def test_a_ray_search_stops_a_bad_trial_and_restarts_a_killed_one(tmp_path: Path
     # and reached exactly what its uninterrupted twin reached.
     starts = [r for r in _records(killed) if r.get("kind") == "run_start"]
     assert len(starts) == 2 and starts[1]["step"] == 4, starts
-    assert val_losses(killed)[24] == val_losses(twin)[24]
+    assert val_losses(killed)[16] == val_losses(twin)[16]
     # ASHA stopped the trial that could not learn at its first rung (one evaluation after step 0).
-    assert max(val_losses(stopped)) < 24 and 24 in val_losses(twin)
+    assert max(val_losses(stopped)) < 16 and 16 in val_losses(twin)
     # Ray persisted our checkpoint directories.
     persisted = list((tmp_path / "ray" / "s").glob("*/checkpoint_*/sft_state.json"))
     assert persisted, "no trial checkpoint reached Ray's storage"
@@ -95,4 +95,4 @@ def test_a_ray_search_stops_a_bad_trial_and_restarts_a_killed_one(tmp_path: Path
     from rollouts.recipes.train import load_config
 
     assert load_config(str(best), []).sft.learning_rate == 2e-3
-    assert f"validation loss {val_losses(twin)[24]:.4f}" in output
+    assert f"validation loss {val_losses(twin)[16]:.4f}" in output

@@ -95,6 +95,7 @@ class TinkerTrainingBackend:
         )  # fmt: skip
         self.normalization = "sum"
         self._step = 0
+        self._accum_tokens = 0  # weighted tokens since the last step, as optim_step reports
         self._worker = SerialWorker("TinkerTrainingBackend", self.queue_depth_max)
 
     @classmethod
@@ -237,6 +238,8 @@ class TinkerTrainingBackend:
             values = torch.as_tensor(output["logprobs"].tolist(), dtype=torch.float32)
             logprobs[row, : values.numel()] = values
         loss_sum = float(result.metrics["loss:sum"])
+        if not forward_only:
+            self._accum_tokens += num_tokens
         return {
             "loss": loss_sum / weight if weight > 0 else 0.0,  # a weighted mean, as elsewhere
             "token_weight": weight,
@@ -254,8 +257,9 @@ class TinkerTrainingBackend:
         metrics = self.training_client.optim_step(params).result().metrics or {}
         self._step += 1
         grad_norm = metrics.get("grad_norm", math.nan)
+        num_tokens, self._accum_tokens = self._accum_tokens, 0
         return {"step": self._step, "lr": settings.learning_rate, "grad_norm": grad_norm,
-                "skipped": False}  # fmt: skip
+                "skipped": False, "num_tokens": num_tokens}  # fmt: skip
 
     def _save(self, final_path: Path, step: int) -> Path:
         saved = self.training_client.save_state(final_path.name).result()

@@ -28,8 +28,11 @@ def _tinker() -> Any:
 class TinkerRolloutEngine:
     """See the module docstring."""
 
-    def __init__(self, service_client: Any, base_model: str, tokenizer: Any) -> None:
+    def __init__(
+        self, service_client: Any, base_model: str, tokenizer: Any, call_timeout_s: float = 600.0
+    ) -> None:
         self.service_client, self.tokenizer = service_client, tokenizer
+        self.call_timeout_s = call_timeout_s  # each sample's bound; past it the call fails
         self._sampler = service_client.create_sampling_client(base_model=base_model)
         self._version = 0
         self._worker = SerialWorker("TinkerRolloutEngine")
@@ -69,7 +72,7 @@ class TinkerRolloutEngine:
                 top_p=params.top_p, seed=params.seed,
                 stop=list(params.stop) if params.stop else None,
             ),
-        ).result()  # fmt: skip
+        ).result(timeout=self.call_timeout_s)  # fmt: skip
         completions = []
         for sequence in result.sequences:
             text = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)

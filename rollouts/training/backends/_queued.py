@@ -184,6 +184,11 @@ class QueuedBackend(ABC):
             raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
         if adam is not None and learning_rate is not None:
             raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
+        if adam is not None and "betas" not in self.optimizer.param_groups[0]:
+            raise ValueError(
+                f"optim_step(adam=...): the optimizer is a {type(self.optimizer).__name__}, "
+                "which has no Adam settings to replace"
+            )
         return self._worker.submit(
             "optim_step", lambda: self._optim_step(learning_rate, layer_grad_norms, adam)
         )

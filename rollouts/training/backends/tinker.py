@@ -56,6 +56,7 @@ from rollouts.training.losses import (
 __all__ = ["TinkerTrainingBackend", "tinker_datums"]
 
 TINKER_HINT = 'the Tinker backend needs the tinker SDK: pip install "rollouts[serve]"'
+CALL_TIMEOUT_S = 600.0  # the longest one service call may take before it fails
 CHECKPOINT_FILE = "tinker_state.json"  # in each local step_N/: the service's path of the state
 
 
@@ -84,9 +85,11 @@ class TinkerTrainingBackend:
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         service_client: Any = None,
+        call_timeout_s: float = CALL_TIMEOUT_S,
     ) -> None:
         self._spec(loss_fn, "loss_fn")  # a loss the service cannot compute is refused now
         self.training_client, self.service_client = training_client, service_client
+        self.call_timeout_s = call_timeout_s  # each service call's bound; past it the call fails
         self.checkpoint_dir = Path(checkpoint_dir)
         self.loss_fn = loss_fn
         self.adam = AdamSettings(
@@ -166,6 +169,8 @@ class TinkerTrainingBackend:
             raise ValueError("optim_step(layer_grad_norms=True): the Tinker API reports none")
         if adam is not None and learning_rate is not None:
             raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
+        if adam is not None and not isinstance(adam, AdamSettings):
+            raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
         settings = adam or self.adam
         if learning_rate is not None:
             settings = AdamSettings(**{**settings.__dict__, "learning_rate": learning_rate})
@@ -231,7 +236,7 @@ class TinkerTrainingBackend:
     ) -> dict[str, Any]:  # fmt: skip
         client = self.training_client
         call = client.forward if forward_only else client.forward_backward
-        result = call(data, name, loss_fn_config=config or None).result()
+        result = call(data, name, loss_fn_config=config or None).result(timeout=self.call_timeout_s)
         rows, width, weight, num_tokens = shape
         logprobs = torch.zeros(rows, width)
         for row, output in enumerate(result.loss_fn_outputs):
@@ -254,7 +259,10 @@ class TinkerTrainingBackend:
             beta2=settings.betas[1], eps=settings.eps, weight_decay=settings.weight_decay,
             grad_clip_norm=settings.max_grad_norm or 0.0,
         )  # fmt: skip
-        metrics = self.training_client.optim_step(params).result().metrics or {}
+        metrics = (
+            self.training_client.optim_step(params).result(timeout=self.call_timeout_s).metrics
+            or {}
+        )
         self._step += 1
         grad_norm = metrics.get("grad_norm", math.nan)
         num_tokens, self._accum_tokens = self._accum_tokens, 0
@@ -262,7 +270,7 @@ class TinkerTrainingBackend:
                 "skipped": False, "num_tokens": num_tokens}  # fmt: skip
 
     def _save(self, final_path: Path, step: int) -> Path:
-        saved = self.training_client.save_state(final_path.name).result()
+        saved = self.training_client.save_state(final_path.name).result(timeout=self.call_timeout_s)
         final_path.mkdir(parents=True, exist_ok=True)
         record = {"path": saved.path, "step": step, "optimizer_steps": self._step}
         (final_path / CHECKPOINT_FILE).write_text(json.dumps(record))
@@ -273,13 +281,17 @@ class TinkerTrainingBackend:
         if not record_path.is_file():
             raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE}; not a Tinker checkpoint")
         record = json.loads(record_path.read_text())
-        self.training_client.load_state_with_optimizer(record["path"]).result()
+        self.training_client.load_state_with_optimizer(record["path"]).result(
+            timeout=self.call_timeout_s
+        )
         self._step = int(record["optimizer_steps"])
         return {"step": self._step, "path": record["path"]}
 
     def _sampler_weights(self) -> WeightUpdate:
         name = f"sampler-{self._step:08d}"
-        saved = self.training_client.save_weights_for_sampler(name).result()
+        saved = self.training_client.save_weights_for_sampler(name).result(
+            timeout=self.call_timeout_s
+        )
         return WeightUpdate(tensors={}, kind="remote", location=saved.path)
 
 

@@ -275,6 +275,12 @@ def test_the_server_refuses_bad_requests_and_lives_on(server: Server, model_dir:
         failed = _collect(api, headers, request_id)
         assert failed["category"] == "user" and "no forward_backward" in failed["error"]
     assert httpx.get(f"{api}/healthz", headers=headers, timeout=10).json() == {"status": "ok"}
+    # A finished session's models go (their saved states would stay on disk).
+    finished = httpx.post(f"{api}/sessions/{session}/finish", json={}, headers=headers, timeout=30)
+    assert finished.status_code == 200
+    gone = httpx.post(f"{api}/get_info", json={"model_id": model["model_id"]}, headers=headers,
+                      timeout=10)  # fmt: skip
+    assert gone.status_code == 404
 
 
 def _collect(api: str, headers: dict, request_id: str) -> dict:

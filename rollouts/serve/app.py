@@ -113,8 +113,8 @@ def build_app(state: ServerState, api_key: str = "", max_request_bytes: int = 64
         request_id, sequence_ids = state.sample(body)
         return {"request_id": request_id, "sample_sequence_ids": sequence_ids}
 
-    def finish(request: Any) -> Any:
-        state.session(request.path_params["session_id"])
+    async def finish(request: Any) -> Any:
+        await state.finish_session(request.path_params["session_id"])
         return {}
 
     def ok(payload: dict[str, Any]) -> Callable[..., dict[str, Any]]:

@@ -147,6 +147,8 @@ class TrainedModel:
     )
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     saves: int = 0  # checkpoints written, for their temporary step numbers
+    task: asyncio.Task[None] | None = None  # the loop running its calls
+    running: asyncio.Future[Result] | None = None  # the call it runs now
 
     def submit(
         self, futures: Futures, seq_id: int, work: Callable[[], Awaitable[Result]], limit: int
@@ -178,8 +180,8 @@ class TrainedModel:
     async def serve(self) -> None:
         """Run the queued calls one at a time, in seq_id order."""
         while True:
-            future, work = await self.queue.get()
-            await settle(future, work)
+            self.running, work = await self.queue.get()
+            await settle(self.running, work)
 
 
 class ServerState:
@@ -202,7 +204,6 @@ class ServerState:
         self.creations: dict[str, str] = {}  # model id -> the request id that builds it
         self.samplers: dict[str, str] = {}  # sampling session id -> snapshot key
         self.unnamed: OrderedDict[str, WeightUpdate] = OrderedDict()
-        self._tasks: list[asyncio.Task[None]] = []
         self._engine: HFRolloutEngine | None = None
         self._loaded = ""  # the snapshot key the engine holds now
         self._sample_lock = asyncio.Lock()
@@ -237,7 +238,7 @@ class ServerState:
         session_id = body.get("session_id")
         self.session(session_id)
         self.base_model(body.get("base_model"))
-        model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+        model_id = new_model_id(body)
         if model_id in self.creations:  # a retried create gets the future it already has
             return self.creations[model_id]
         options = lora_options(body.get("lora_config") or {})
@@ -254,7 +255,7 @@ class ServerState:
         """`create_training_client_from_state`: a new model from a saved state."""
         session_id = body.get("session_id")
         self.session(session_id)
-        model_id = f"{session_id}:train:{int(body.get('model_seq_id', 0))}"
+        model_id = new_model_id(body)
         if model_id in self.creations:
             return self.creations[model_id]
         source = self.weights_dir(body.get("path"), "weights")
@@ -289,7 +290,7 @@ class ServerState:
             if state is not None:
                 await load_state(model, state, optimizer)
         self.models[model_id] = model
-        self._tasks.append(asyncio.ensure_future(model.serve()))
+        model.task = asyncio.ensure_future(model.serve())
         return ("json", answer)
 
     def model(self, model_id: Any) -> TrainedModel:
@@ -530,16 +531,46 @@ class ServerState:
 
         return AutoTokenizer.from_pretrained(self.model_dir)
 
+    async def finish_session(self, session_id: Any) -> None:
+        """A client is done: its models and samplers go (their saved states stay on disk)."""
+        self.session(session_id)
+        prefix = f"{session_id}:"
+        for model_id in [m for m in self.models if m.startswith(prefix)]:
+            await self._drop_model(self.models.pop(model_id))
+            self.creations.pop(model_id, None)
+        for sampler in [k for k in self.samplers if k.startswith(prefix)]:
+            del self.samplers[sampler]
+        for key in [k for k in self.unnamed if k.startswith(f"memory:{prefix}")]:
+            del self.unnamed[key]
+        del self.sessions[session_id]
+
+    async def _drop_model(self, model: TrainedModel) -> None:
+        if model.task is not None:
+            model.task.cancel()
+        gone = ("error", (f"{model.model_id}: its session finished", "user"))
+        left = [model.queue.get_nowait()[0] for _ in range(model.queue.qsize())]
+        for future in [model.running, *left]:  # the call in flight and those behind it fail
+            if future is not None and not future.done():
+                future.set_result(gone)
+        await asyncio.to_thread(model.backend.close)
+
     async def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for model in self.models.values():
-            await asyncio.to_thread(model.backend.close)
+        for model in list(self.models.values()):
+            await self._drop_model(model)
+        self.models.clear()
         if self._engine is not None:
             await asyncio.to_thread(self._engine.close)
 
 
 # -- conversions --------------------------------------------------------------------------------
+
+
+def new_model_id(body: dict[str, Any]) -> str:
+    """`{session_id}:train:{model_seq_id}`: the id the SDK also derives on its side."""
+    seq = body.get("model_seq_id", 0)
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 0:
+        raise ServeError(f"model_seq_id {seq!r}: must be an int >= 0")
+    return f"{body['session_id']}:train:{seq}"
 
 
 def lora_options(lora: dict[str, Any]) -> dict[str, Any]:

@@ -57,6 +57,8 @@ def test_a_call_loss_and_step_settings_equal_a_plain_loop(tiny_model_dir, tmp_pa
 def test_adam_settings_refuse_bad_values() -> None:
     for bad in ({"learning_rate": 0.0}, {"learning_rate": 1e-3, "betas": (0.9, 1.0)},
                 {"learning_rate": 1e-3, "max_grad_norm": 0.0},
-                {"learning_rate": 1e-3, "weight_decay": -1}):  # fmt: skip
+                {"learning_rate": 1e-3, "weight_decay": -1},
+                {"learning_rate": float("nan")}, {"learning_rate": 1e-3, "eps": float("inf")},
+                {"learning_rate": 1e-3, "max_grad_norm": float("inf")}):  # fmt: skip
         with pytest.raises(ValueError, match="AdamSettings"):
             AdamSettings(**bad)

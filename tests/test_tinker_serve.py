@@ -242,6 +242,17 @@ def test_the_server_refuses_bad_requests_and_lives_on(server: Server, model_dir:
                          headers={**headers, "Content-Type": "application/x-protobuf"},
                          timeout=10)  # fmt: skip
     assert garbage.status_code == 400 and "ForwardBackwardRequest" in garbage.json()["detail"]
+    from tinker.proto import tinker_public_pb2 as pb
+
+    wrong_size = pb.ForwardBackwardRequest(model_id="m", seq_id=1, loss_fn="cross_entropy")
+    datum = wrong_size.data.add()
+    datum.model_input.add().encoded_text.tokens = np.arange(3, dtype="<i4").tobytes()
+    datum.loss_fn_inputs["target_tokens"].dense = b"\x01\x02\x03"  # not whole int64s
+    datum.loss_fn_inputs["target_tokens"].dtype = 2
+    odd = httpx.post(f"{api}/forward_backward", content=wrong_size.SerializeToString(),
+                     headers={**headers, "Content-Type": "application/x-protobuf"},
+                     timeout=10)  # fmt: skip
+    assert odd.status_code == 400 and "target_tokens" in odd.json()["detail"]
     not_json = httpx.post(f"{api}/optim_step", content=b"{", headers=headers, timeout=10)
     assert not_json.status_code == 400 and "not JSON" in not_json.json()["detail"]
     unknown = httpx.post(f"{api}/optim_step", json={"model_id": "nope", "seq_id": 1},

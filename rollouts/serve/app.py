@@ -78,8 +78,9 @@ def build_app(state: ServerState, api_key: str = "", max_request_bytes: int = 64
                     result = await result
             except ServeError as error:
                 return json_response({"detail": str(error)}, error.status)
-            except WireError as error:
-                return json_response({"detail": str(error)}, 400)
+            except (WireError, ValueError, TypeError, AttributeError, KeyError) as error:
+                # A client's malformed request (a 5xx would make the SDK retry it for minutes).
+                return json_response({"detail": f"{type(error).__name__}: {error}"}, 400)
             except Exception as error:  # never crash the server on one request
                 _log.exception("request %s failed", request.url.path)
                 return json_response({"detail": f"{type(error).__name__}: {error}"}, 500)
@@ -106,7 +107,14 @@ def build_app(state: ServerState, api_key: str = "", max_request_bytes: int = 64
         if "zstd" in request.headers.get("content-encoding", ""):
             import zstandard
 
-            body = zstandard.ZstdDecompressor().decompress(body, max_output_size=max_request_bytes)
+            try:
+                body = zstandard.ZstdDecompressor().decompress(
+                    body, max_output_size=max_request_bytes
+                )
+            except zstandard.ZstdError as error:
+                raise ServeError(
+                    f"forward_backward: the zstd body does not decompress: {error}"
+                ) from None
         return future(state.forward_backward(decode_forward_backward(body)))
 
     def sample(body: dict[str, Any], _request: Any) -> Any:
@@ -162,7 +170,7 @@ def build_app(state: ServerState, api_key: str = "", max_request_bytes: int = 64
 
 async def _read_body(request: Any, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and int(declared) > limit:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
         raise ServeError(f"the body has {declared} bytes; at most {limit} are taken", 413)
     chunks, size = [], 0
     async for chunk in request.stream():

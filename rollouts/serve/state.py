@@ -160,10 +160,11 @@ class TrainedModel:
             return self.requests[seq_id]
         if seq_id < self.next_seq:
             raise ServeError(f"{self.model_id}: seq_id {seq_id} was already run", status=409)
-        if len(self.waiting) >= limit:
+        ahead = len(self.waiting) + self.queue.qsize()
+        if seq_id != self.next_seq and ahead >= limit:  # the call that fills the gap always fits
             raise ServeError(
-                f"{self.model_id}: {len(self.waiting)} calls wait for seq_id {self.next_seq}; "
-                f"at most {limit} may be queued ahead",
+                f"{self.model_id}: {ahead} calls are queued or wait for seq_id {self.next_seq}; "
+                f"at most {limit} may be",
                 status=429,
             )
         request_id, future = futures.create()
@@ -206,6 +207,7 @@ class ServerState:
         self.unnamed: OrderedDict[str, WeightUpdate] = OrderedDict()
         self._engine: HFRolloutEngine | None = None
         self._loaded = ""  # the snapshot key the engine holds now
+        self._loaded_kind = "base"  # "base", or the kind of that snapshot
         self._sample_lock = asyncio.Lock()
         # torch's global random generator is one per process: a LoRA build draws its adapters
         # from it under a fixed seed and a checkpoint load restores it, so two of these at once
@@ -287,8 +289,14 @@ class ServerState:
                 learning_rate=1e-4, num_threads=self.num_threads, **options,
             )  # fmt: skip
             model = TrainedModel(model_id, run_dir, int(options.get("lora_rank", 0)), backend)
-            if state is not None:
-                await load_state(model, state, optimizer)
+            try:
+                if state is not None:
+                    await load_state(model, state, optimizer)
+                if model_id.split(":train:")[0] not in self.sessions:
+                    raise ServeError(f"{model_id}: its session finished while it was built")
+            except BaseException:
+                await asyncio.to_thread(backend.close)
+                raise
         self.models[model_id] = model
         model.task = asyncio.ensure_future(model.serve())
         return ("json", answer)
@@ -317,8 +325,8 @@ class ServerState:
         model = self.model(model_id)
         try:
             work = prepare()
-        except ServeError as error:
-            refused = error
+        except (ServeError, ValueError, TypeError, AttributeError, KeyError) as error:
+            refused = error if isinstance(error, ServeError) else ServeError(f"{error!r}")
 
             async def work(_model: TrainedModel) -> Result:
                 raise refused
@@ -423,6 +431,8 @@ class ServerState:
                                      "type": "save_weights_for_sampler"})  # fmt: skip
                 target = model.run_dir / "sampler_weights" / name
                 await asyncio.to_thread(write_snapshot, update, target)
+                if self._loaded == str(target):  # rewritten: the engine's copy is stale
+                    self._loaded = ""
                 return ("json", {"path": f"tinker://{model.model_id}/sampler_weights/{name}",
                                  "type": "save_weights_for_sampler"})  # fmt: skip
 
@@ -508,11 +518,15 @@ class ServerState:
             self._base = WeightUpdate(
                 tensors={k: v.detach().clone() for k, v in model.state_dict().items()}
             )
-            self._loaded = "base"
+            self._loaded, self._loaded_kind = "base", "base"
         if key != self._loaded:
-            update = self._base if key == "base" else self._snapshot(key)
-            await self._engine.load_weights(update, self._engine.weight_version + 1)
-            self._loaded = key
+            update = self._base if key == "base" else await asyncio.to_thread(self._snapshot, key)
+            version = self._engine.weight_version + 1
+            if update.kind == "adapter" and self._loaded_kind == "full":
+                # An adapter applies to the engine's base weights: put them back first.
+                await self._engine.load_weights(self._base, version)
+            await self._engine.load_weights(update, version)
+            self._loaded, self._loaded_kind = key, "base" if key == "base" else update.kind
         return self._engine
 
     def _snapshot(self, key: str) -> WeightUpdate:
@@ -549,6 +563,8 @@ class ServerState:
             model.task.cancel()
         gone = ("error", (f"{model.model_id}: its session finished", "user"))
         left = [model.queue.get_nowait()[0] for _ in range(model.queue.qsize())]
+        left += [future for future, _work in model.waiting.values()]
+        model.waiting.clear()
         for future in [model.running, *left]:  # the call in flight and those behind it fail
             if future is not None and not future.done():
                 future.set_result(gone)

@@ -27,6 +27,7 @@ TINKER_INSTALL_HINT = (
     'rollouts serve needs the tinker SDK, starlette and uvicorn: pip install "rollouts[serve]"'
 )
 _DTYPES = {1: np.float32, 2: np.int64, 3: np.int32}  # tinker_public.DType; bfloat16 refused
+MAX_TENSOR_VALUES = 1 << 26  # the most values one loss input may claim
 
 
 class WireError(ValueError):
@@ -91,7 +92,10 @@ def _datum(index: int, datum: Any) -> Datum:
         kind = chunk.WhichOneof("chunk")
         if kind != "encoded_text":
             raise WireError(f"data[{index}]: a {kind} chunk; only encoded_text is served")
-        pieces.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").astype(np.int64))
+        try:
+            pieces.append(np.frombuffer(chunk.encoded_text.tokens, dtype="<i4").astype(np.int64))
+        except ValueError as error:
+            raise WireError(f"data[{index}]: model-input tokens: {error}") from None
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
     if tokens.size == 0:
         raise WireError(f"data[{index}]: empty model input")
@@ -110,6 +114,15 @@ def _tensor(where: str, tensor: Any) -> np.ndarray:
     if dtype is None:
         raise WireError(f"{where}: dtype {tensor.dtype} is not served (float32, int64, int32)")
     shape = [int(n) for n in tensor.shape]
+    if any(n < 0 for n in shape) or math.prod(shape) > MAX_TENSOR_VALUES:
+        raise WireError(f"{where}: shape {shape} is negative or too large")
+    try:
+        return _tensor_values(where, tensor, dtype, shape)
+    except (ValueError, IndexError) as error:  # a buffer of the wrong size, an index too far
+        raise WireError(f"{where}: {error}") from None
+
+
+def _tensor_values(where: str, tensor: Any, dtype: Any, shape: list[int]) -> np.ndarray:
     if tensor.WhichOneof("encoding") == "sparse_csr":
         csr = tensor.sparse_csr
         values = np.frombuffer(csr.values, dtype=np.dtype(dtype).newbyteorder("<"))

@@ -50,6 +50,7 @@ pending), and the backend's own checkpoints (`list_checkpoints`, `find_checkpoin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -112,15 +113,20 @@ class AdamSettings:
         numbers = {"learning_rate": self.learning_rate, "eps": self.eps,
                    "weight_decay": self.weight_decay}  # fmt: skip
         for name, value in numbers.items():
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise ValueError(f"AdamSettings.{name}={value!r}; must be a number >= 0")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value < 0
+            ):
+                raise ValueError(f"AdamSettings.{name}={value!r}; must be a finite number >= 0")
         if not (self.learning_rate > 0 and self.eps > 0):
             raise ValueError(
                 f"AdamSettings learning_rate={self.learning_rate}, eps={self.eps}; both must be > 0"
             )
         if len(self.betas) != 2 or not all(0 <= beta < 1 for beta in self.betas):
             raise ValueError(f"AdamSettings.betas={self.betas!r}; must be two numbers in [0, 1)")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+        if self.max_grad_norm is not None and not 0 < self.max_grad_norm < math.inf:
             raise ValueError(
                 f"AdamSettings.max_grad_norm={self.max_grad_norm!r}; must be > 0, or None (off)"
             )

@@ -28,6 +28,7 @@ refusals and shutdown behave as on the other backends. Mapping:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from rollouts.training.losses import (
 __all__ = ["TinkerTrainingBackend", "tinker_datums"]
 
 TINKER_HINT = 'the Tinker backend needs the tinker SDK: pip install "rollouts[serve]"'
+_log = logging.getLogger(__name__)
 CALL_TIMEOUT_S = 600.0  # the longest one service call may take before it fails
 CHECKPOINT_FILE = "tinker_state.json"  # in each local step_N/: the service's path of the state
 
@@ -99,6 +101,7 @@ class TinkerTrainingBackend:
         self.normalization = "sum"
         self._step = 0
         self._accum_tokens = 0  # weighted tokens since the last step, as optim_step reports
+        self._owns_service = False
         self._worker = SerialWorker("TinkerTrainingBackend", self.queue_depth_max)
 
     @classmethod
@@ -120,7 +123,9 @@ class TinkerTrainingBackend:
         client = service.create_lora_training_client(
             base_model=base_model, rank=lora_rank, seed=seed
         )
-        return cls(client, checkpoint_dir, service_client=service, **options)
+        backend = cls(client, checkpoint_dir, service_client=service, **options)
+        backend._owns_service = True  # create() opened the session, so close() finishes it
+        return backend
 
     # -- the protocol ---------------------------------------------------------------------------
 
@@ -210,7 +215,15 @@ class TinkerTrainingBackend:
                          "state with the service's own tools")  # fmt: skip
 
     def close(self) -> None:
+        """Finish the queued calls; a backend from `create` also ends its service session
+        (bounded; a service already gone is only logged)."""
         self._worker.close()
+        if self._owns_service:
+            self._owns_service = False
+            try:
+                self.service_client.close(status="success").result(timeout=self.call_timeout_s)
+            except Exception as error:  # the session's end must not hide the run's outcome
+                _log.warning("TinkerTrainingBackend: ending the service session failed: %s", error)
 
     def __enter__(self) -> TinkerTrainingBackend:
         return self

@@ -17,12 +17,13 @@ from rollouts.data import build_char_tokenizer
 API_KEY = "tml-contract-test"
 
 
-def served_model_dir(path: Path) -> Path:
+def served_model_dir(path: Path, hidden_size: int = 32, positions: int = 64) -> Path:
     """A tiny Llama and its tokenizer, saved with save_pretrained."""
-    tokenizer = build_char_tokenizer(model_max_length=64)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=64, bos_token_id=tokenizer.bos_token_id,
+    tokenizer = build_char_tokenizer(model_max_length=positions)
+    config = LlamaConfig(hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         vocab_size=len(tokenizer), max_position_embeddings=positions,
+                         bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)  # fmt: skip
     torch.manual_seed(0)

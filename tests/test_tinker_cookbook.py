@@ -14,26 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("tinker_cookbook", reason="needs tinker-cookbook (part of the dev extra)")
-from _serve_helpers import API_KEY, Server
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from rollouts.data import build_char_tokenizer
-
-
-def _model(path: Path) -> Path:
-    tokenizer = build_char_tokenizer(model_max_length=512)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(tokenizer),
-                         max_position_embeddings=512, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+from _serve_helpers import API_KEY, Server, served_model_dir
 
 
 def _conversations(path: Path) -> Path:
@@ -61,7 +44,7 @@ def _recipe(module: str, *arguments: str) -> list[dict]:
 
 
 def test_the_chat_and_math_recipes_train_against_the_server(tmp_path: Path) -> None:
-    model = _model(tmp_path / "model")
+    model = served_model_dir(tmp_path / "model", hidden_size=64, positions=512)
     server = Server(model, tmp_path / "root", "--api-key", API_KEY)
     try:
         common = [f"model_name={model}", "renderer_name=role_colon", f"base_url={server.url}",

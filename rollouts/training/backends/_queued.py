@@ -47,6 +47,7 @@ from rollouts.training.backends.protocol import (
     AdamSettings,
     Checkpoint,
     DataParallel,
+    check_step_overrides,
 )
 from rollouts.training.batch_checks import check_batch_layout, check_batch_values, on_cpu
 from rollouts.training.errors import (
@@ -173,17 +174,7 @@ class QueuedBackend(ABC):
         layer_grad_norms: bool = False,
         adam: AdamSettings | None = None,
     ) -> TrainFuture[dict[str, Any]]:
-        if learning_rate is not None and (
-            isinstance(learning_rate, bool)
-            or not isinstance(learning_rate, int | float)
-            or not math.isfinite(learning_rate)
-            or learning_rate <= 0
-        ):
-            raise ValueError(f"optim_step(learning_rate={learning_rate!r}); must be a number > 0")
-        if adam is not None and not isinstance(adam, AdamSettings):
-            raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
-        if adam is not None and learning_rate is not None:
-            raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
+        check_step_overrides(learning_rate, adam)
         if adam is not None and "betas" not in self.optimizer.param_groups[0]:
             raise ValueError(
                 f"optim_step(adam=...): the optimizer is a {type(self.optimizer).__name__}, "

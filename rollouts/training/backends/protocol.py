@@ -132,6 +132,21 @@ class AdamSettings:
             )
 
 
+def check_step_overrides(learning_rate: float | None, adam: AdamSettings | None) -> None:
+    """What every backend's `optim_step` checks of its per-step overrides, before queueing."""
+    if learning_rate is not None and (
+        isinstance(learning_rate, bool)
+        or not isinstance(learning_rate, int | float)
+        or not math.isfinite(learning_rate)
+        or learning_rate <= 0
+    ):
+        raise ValueError(f"optim_step(learning_rate={learning_rate!r}); must be a number > 0")
+    if adam is not None and not isinstance(adam, AdamSettings):
+        raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
+    if adam is not None and learning_rate is not None:
+        raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
+
+
 @runtime_checkable
 class TrainingBackend(Protocol):
     """A model, its optimizer and loss behind an ordered stream of asynchronous calls."""

@@ -44,7 +44,12 @@ from rollouts.training.backends.checkpointing import (
     list_checkpoints,
     step_of,
 )
-from rollouts.training.backends.protocol import AdamSettings, Checkpoint, DataParallel
+from rollouts.training.backends.protocol import (
+    AdamSettings,
+    Checkpoint,
+    DataParallel,
+    check_step_overrides,
+)
 from rollouts.training.losses import (
     IGNORE_INDEX,
     Batch,
@@ -172,10 +177,7 @@ class TinkerTrainingBackend:
     ) -> TrainFuture[dict[str, Any]]:
         if layer_grad_norms:
             raise ValueError("optim_step(layer_grad_norms=True): the Tinker API reports none")
-        if adam is not None and learning_rate is not None:
-            raise ValueError("optim_step: pass learning_rate or adam (which has its own), not both")
-        if adam is not None and not isinstance(adam, AdamSettings):
-            raise TypeError(f"optim_step(adam=...) takes an AdamSettings, got {type(adam)}")
+        check_step_overrides(learning_rate, adam)
         settings = adam or self.adam
         if learning_rate is not None:
             settings = AdamSettings(**{**settings.__dict__, "learning_rate": learning_rate})

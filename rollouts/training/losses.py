@@ -39,6 +39,7 @@ __all__ = [
     "LossFn",
     "apply_temperature",
     "cross_entropy_loss",
+    "is_token_local",
     "kl_penalty_k3",
     "label_logprobs",
     "make_cispo_loss",
@@ -213,12 +214,26 @@ def tinker_spec(loss_fn: LossFn) -> tuple[str, dict[str, float]] | None:
     return getattr(loss_fn, "tinker_spec", None)
 
 
+def is_token_local(loss_fn: LossFn) -> bool:
+    """Whether `loss_fn` is a weighted mean over tokens of a per-token value that depends only on
+    that token's logits and batch entries. Every loss here is; a backend then computes the LM
+    head and the loss only at weighted positions, a chunk at a time
+    (`rollouts.training.lm_head`). A custom loss opts in with `loss_fn.token_local = True`."""
+    return bool(getattr(loss_fn, "token_local", False))
+
+
+def _token_local(loss_fn: LossFn) -> LossFn:
+    loss_fn.token_local = True  # type: ignore[attr-defined]
+    return loss_fn
+
+
 def _named(loss_fn: LossFn, name: str, **config: float) -> LossFn:
     loss_fn.tinker_spec = (name, config)  # type: ignore[attr-defined]
     return loss_fn
 
 
 cross_entropy_loss.tinker_spec = ("cross_entropy", {})  # type: ignore[attr-defined]
+_token_local(cross_entropy_loss)
 
 
 def make_cross_entropy_loss(kl_coef: float = 0.0) -> LossFn:
@@ -232,7 +247,7 @@ def make_cross_entropy_loss(kl_coef: float = 0.0) -> LossFn:
         logprobs_BT = label_logprobs(logits, batch["labels"])
         return _finish(-logprobs_BT, weights_BT, logprobs_BT, batch, kl_coef, "cross_entropy")
 
-    return loss_fn
+    return _token_local(loss_fn)
 
 
 def make_importance_sampling_loss(kl_coef: float = 0.0) -> LossFn:
@@ -244,6 +259,7 @@ def make_importance_sampling_loss(kl_coef: float = 0.0) -> LossFn:
         ratio_BT = torch.exp(log_ratio_BT.clamp(max=_LOG_RATIO_MAX))
         return _finish(-ratio_BT * adv_BT, weights_BT, logp_BT, batch, kl_coef, "importance")
 
+    _token_local(loss_fn)
     return _named(loss_fn, "importance_sampling") if kl_coef == 0 else loss_fn
 
 
@@ -264,6 +280,7 @@ def make_ppo_loss(
         per_token_BT = -torch.minimum(unclipped_BT, clipped_BT)
         return _finish(per_token_BT, weights_BT, logp_BT, batch, kl_coef, "ppo")
 
+    _token_local(loss_fn)
     if kl_coef > 0:
         return loss_fn
     return _named(loss_fn, "ppo", clip_low_threshold=clip_low, clip_high_threshold=clip_high)
@@ -287,6 +304,7 @@ def make_cispo_loss(
         per_token_BT = -ratio_BT.clamp(clip_low, clip_high) * logp_BT * adv_BT
         return _finish(per_token_BT, weights_BT, logp_BT, batch, kl_coef, "cispo")
 
+    _token_local(loss_fn)
     if kl_coef > 0:
         return loss_fn
     return _named(loss_fn, "cispo", clip_low_threshold=clip_low, clip_high_threshold=clip_high)
@@ -307,7 +325,7 @@ def make_dro_loss(beta: float = DRO_BETA_DEFAULT, kl_coef: float = 0.0) -> LossF
         per_token_BT = -(logp_BT * adv_BT - 0.5 * beta * log_ratio_BT.square())
         return _finish(per_token_BT, weights_BT, logp_BT, batch, kl_coef, "dro")
 
-    return loss_fn
+    return _token_local(loss_fn)
 
 
 RL_LOSSES: dict[str, Callable[..., LossFn]] = {

@@ -55,10 +55,20 @@ from rollouts.training.errors import (
     NoWeightedTokensError,
     PendingGradientsError,
 )
+from rollouts.training.lm_head import (
+    HEAD_CHUNK_LOGITS_DEFAULT,
+    HeadLoss,
+    head_chunk_tokens,
+    head_loss,
+    hidden_states_as_logits,
+    plain_head_owner,
+)
 from rollouts.training.losses import (
+    IGNORE_INDEX,
     Batch,
     LossFn,
     apply_temperature,
+    is_token_local,
     label_logprobs,
     token_weights,
 )
@@ -100,6 +110,7 @@ class QueuedBackend(ABC):
         data_parallel: DataParallel | None = None,
         recovery_hints: dict[str, str] | None = None,
         tokenizer: Any | None = None,
+        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
@@ -117,6 +128,20 @@ class QueuedBackend(ABC):
         self._trains_subset = len(self._params) < sum(1 for _ in model.parameters())
         self._num_parameters = sum(p.numel() for p in model.parameters())  # global for DTensors
         self._vocab_in, self._vocab_out = _vocab_sizes(model)
+        if head_chunk_logits is not None and not (
+            isinstance(head_chunk_logits, int)
+            and not isinstance(head_chunk_logits, bool)
+            and head_chunk_logits > 0
+        ):
+            raise ValueError(
+                f"head_chunk_logits must be a positive int or None, got {head_chunk_logits!r}"
+            )
+        self._head_owner = plain_head_owner(model)
+        self._head_chunk_tokens = (
+            None
+            if head_chunk_logits is None
+            else head_chunk_tokens(head_chunk_logits, self._vocab_out)
+        )
         self._step = 0
         self._reset_accumulation()
         self._recovery_hints = recovery_hints or RECOVERY_HINTS
@@ -248,32 +273,88 @@ class QueuedBackend(ABC):
     ) -> dict[str, Any]:
         batch = self._prepare(batch, "forward_backward", values_checked)
         weights_BT = token_weights(batch)
-        self.model.train()
-        with torch.enable_grad():
-            logits = self._logits(batch)
-            loss = _checked_loss(loss_fn(logits, batch))
-            local_weight = float(weights_BT.sum())
+        # An RL batch's own log-probs are only read where it carries weight; asked-for ones
+        # at every labelled position.
+        keep_BT = (batch["labels"] != IGNORE_INDEX) if return_logprobs else weights_BT != 0
+        want_logprobs = return_logprobs or batch.get("sampling_logprobs") is not None
+        local_weight = float(weights_BT.sum())
+
+        def backward(loss: torch.Tensor) -> None:  # of mean * W_i / R, see the module docstring
             reference = self._reference_weight(local_weight)
             self._touch(GRADIENTS)  # from here a failure leaves half-accumulated gradients
             self._backward(loss * (local_weight / reference if reference else 0.0))
+
+        self.model.train()
+        with torch.enable_grad():
+            if self._uses_head_path(loss_fn, keep_BT):
+                computed = self._head_loss(batch, loss_fn, keep_BT, want_logprobs, backward)
+                loss, logprobs_BT = computed.loss, computed.logprobs_BT
+            else:
+                logits = self._logits(batch)
+                loss = _checked_loss(loss_fn(logits, batch))
+                backward(loss)
+                logprobs_BT = (
+                    label_logprobs(logits.detach(), batch["labels"]) if want_logprobs else None
+                )
+        reference = self._reference_weight(local_weight)
         stats = self._call_stats(loss.detach(), weights_BT)
         self._accum_weight += stats["token_weight"] / reference if reference else 0.0
         self._accum_tokens += stats["num_tokens"]
         self._accum_calls += 1
-        if return_logprobs or batch.get("sampling_logprobs") is not None:
-            stats["logprobs"] = label_logprobs(logits.detach(), batch["labels"]).cpu()
+        if logprobs_BT is not None:
+            stats["logprobs"] = logprobs_BT.cpu()
         return stats
 
     @torch.no_grad()
     def _forward(self, batch: Batch, values_checked: bool, loss_fn: LossFn) -> dict[str, Any]:
         batch = self._prepare(batch, "forward", values_checked)
         weights_BT = token_weights(batch)
+        keep_BT = batch["labels"] != IGNORE_INDEX
         self.model.eval()
-        logits = self._logits(batch)
-        loss = _checked_loss(loss_fn(logits, batch))
+        if self._uses_head_path(loss_fn, keep_BT):
+            computed = self._head_loss(batch, loss_fn, keep_BT, True, None)
+            loss, logprobs_BT = computed.loss, computed.logprobs_BT
+        else:
+            logits = self._logits(batch)
+            loss = _checked_loss(loss_fn(logits, batch))
+            logprobs_BT = label_logprobs(logits, batch["labels"])
         stats = self._call_stats(loss, weights_BT)
-        stats["logprobs"] = label_logprobs(logits, batch["labels"]).cpu()
+        stats["logprobs"] = logprobs_BT.cpu()
         return stats
+
+    def _uses_head_path(self, loss_fn: LossFn, keep_BT: torch.Tensor) -> bool:
+        """Head and loss at the kept positions only (`rollouts.training.lm_head`): when asked
+        for, exact for this loss and model, and some position is kept (a call with none keeps
+        the full path, so every rank of a sharded model runs the same collectives)."""
+        return (
+            self._head_chunk_tokens is not None
+            and self._head_owner is not None
+            and is_token_local(loss_fn)
+            and bool(keep_BT.any())
+        )
+
+    def _head_loss(
+        self,
+        batch: Batch,
+        loss_fn: LossFn,
+        keep_BT: torch.Tensor,
+        want_logprobs: bool,
+        backward: Callable[[torch.Tensor], None] | None,
+    ) -> HeadLoss:
+        assert self._head_owner is not None and self._head_chunk_tokens is not None
+        with hidden_states_as_logits(self._head_owner) as head, self._autocast():
+            hidden_BTH = logits_of(self.model, batch)
+        return head_loss(
+            hidden_BTH,
+            head,
+            batch,
+            lambda logits, chunk: _checked_loss(loss_fn(logits, chunk)),
+            keep_BT,
+            chunk_tokens=self._head_chunk_tokens,
+            autocast=self._autocast,
+            backward=backward,
+            want_logprobs=want_logprobs,
+        )
 
     def _loss_for_call(self, loss_fn: LossFn | None, call: str) -> LossFn:
         if loss_fn is None:

@@ -87,6 +87,7 @@ from rollouts.training.backends.protocol import DataParallel
 from rollouts.training.backends.pytorch_factory import enable_activation_checkpointing
 from rollouts.training.distributed import World
 from rollouts.training.errors import CheckpointFailedError
+from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
 from rollouts.training.losses import Batch, LossFn
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]
@@ -180,6 +181,7 @@ class FSDPTrainingBackend(QueuedBackend):
         num_threads: int | str | None = None,
         close_timeout_s: float | None = None,
         tokenizer: Any | None = None,
+        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
     ) -> None:
         if not isinstance(model, FSDPModule):
             raise ValueError(
@@ -204,6 +206,7 @@ class FSDPTrainingBackend(QueuedBackend):
             data_parallel=DataParallel(rank=world.rank, size=world.world_size),
             recovery_hints=RECOVERY_HINTS,
             tokenizer=tokenizer,
+            head_chunk_logits=head_chunk_logits,
         )
         self.world = world
         _sum_gradients_over_ranks(model)

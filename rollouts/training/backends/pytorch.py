@@ -33,6 +33,7 @@ from rollouts.training.backends.checkpointing import (
     write_checksums,
 )
 from rollouts.training.backends.lora import adapter_update, is_lora_model
+from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
 from rollouts.training.losses import LossFn
 
 __all__ = ["PyTorchTrainingBackend", "validate_device"]
@@ -69,6 +70,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         num_threads: int | str | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
         tokenizer: Any | None = None,
+        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
     ) -> None:
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype={autocast_dtype}; must be None or {AUTOCAST_DTYPES}")
@@ -87,6 +89,7 @@ class PyTorchTrainingBackend(QueuedBackend):
             num_threads=num_threads,
             close_timeout_s=close_timeout_s,
             tokenizer=tokenizer,
+            head_chunk_logits=head_chunk_logits,
         )
         self.autocast_dtype = autocast_dtype
         use_scaler = autocast_dtype == torch.float16 and parsed_device.type == "cuda"

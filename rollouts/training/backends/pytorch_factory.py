@@ -34,6 +34,7 @@ from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
 from rollouts.training.backends.lora import apply_lora, require_peft
 from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend, validate_device
+from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
 from rollouts.training.losses import LossFn, cross_entropy_loss
 
 __all__ = [
@@ -291,6 +292,9 @@ class BackendOptions:
     # starts: 1 on a box others keep busy, all cores on a quiet one), or a count.
     num_threads: int | str | None = None
     queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT  # calls pending at once, at most
+    # Logits per chunk of the LM head, computed only at weighted positions (see
+    # rollouts.training.lm_head); None: the model's own full [B, T, V] logits.
+    head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft); 0: the whole model
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -383,6 +387,7 @@ class BackendOptions:
             "normalization": self.normalization,
             "queue_depth_max": self.queue_depth_max,
             "num_threads": self.num_threads,
+            "head_chunk_logits": self.head_chunk_logits,
         }
 
     def with_lora(self, model: nn.Module) -> nn.Module:

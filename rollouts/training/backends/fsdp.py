@@ -210,8 +210,24 @@ class FSDPTrainingBackend(QueuedBackend):
         )
         self.world = world
         _sum_gradients_over_ranks(model)
+        # The LM head runs after the root's forward (rollouts.training.lm_head), so the root's
+        # weights (embeddings, final norm, head) stay gathered from its forward to its backward,
+        # as FSDP2 keeps a root by default; the calls below free them when no backward does.
+        model.set_reshard_after_forward(False, recurse=False)
 
     # -- the pieces of the shared bodies -----------------------------------------------------------
+
+    def _forward_backward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super()._forward_backward(*args, **kwargs)
+        finally:  # a no-op after the backward; after a failure it frees the gathered root
+            self.model.reshard()
+
+    def _forward(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        try:
+            return super()._forward(*args, **kwargs)
+        finally:  # no backward frees the root's gathered weights (nor sees an update to them)
+            self.model.reshard()
 
     def _touch(self, state: str) -> None:
         # Whatever a call touches, a one-sided failure may leave the ranks out of step.

@@ -13,7 +13,9 @@ Runs, each in a fresh process (so that peak memory is its own, and no OpenMP tea
 alternating within each round so that machine noise hits all alike:
 - `ours`: `run_sft_training` on `PyTorchTrainingBackend` with its defaults (the LM head and
   loss only at weighted positions, in chunks);
-- `ours_full_logits`: the same with `head_chunk_logits=None` (the model's full logits), the
+- `ours_packed`: the same with `packing=True` (rows of up to 256 tokens holding several
+  examples, attention blocked between them), so a step holds more examples and no padding;
+- `ours_full_logits`: `ours` with `head_chunk_logits=None` (the model's full logits), the
   path before that change, to show what it saves;
 - `trainer`: `transformers.Trainer` with its defaults, right-padding each batch with
   `DataCollatorForSeq2Seq`;
@@ -22,10 +24,10 @@ alternating within each round so that machine noise hits all alike:
   no gradient checkpointing (its default recomputes activations; `--checkpointing` turns it on
   for every run).
 
-Printed per run: the median step time over the steps after warm-up, divided by the batch size
-(time per example), and the process's peak resident memory (`ru_maxrss`) with its growth over
-the resident memory just before training. Then, per shape, the median over rounds and the
-ratios against Trainer.
+Printed per run: the median, over the steps after warm-up, of the step time divided by the
+step's examples (time per example), and the process's peak resident memory (`ru_maxrss`) with
+its growth over the resident memory just before training. Then, per shape, the median over
+rounds and the ratios against Trainer.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "warmup": 2,
     },
 }
-RUNS = ("ours", "ours_full_logits", "trainer", "trl")
+RUNS = ("ours", "ours_packed", "ours_full_logits", "trainer", "trl")
 LEARNING_RATE = 1e-4
 
 
@@ -127,11 +129,15 @@ def run_child(run: str, shape_name: str, model_dir: str, checkpointing: bool, qu
     count = shape["batch_size"] * shape["steps"]
     data = tokenize_records(make_records(shape, count), tokenizer, shape["max_length"])
     runner = {"trainer": run_trainer, "trl": run_trl}.get(run, run_ours)
-    done_s, before_mib = runner(run, Path(model_dir), data, tokenizer, shape, checkpointing)
-    intervals = [b - a for a, b in itertools.pairwise(done_s)][shape["warmup"] :]
+    done_s, examples, before_mib = runner(
+        run, Path(model_dir), data, tokenizer, shape, checkpointing
+    )
+    per_example_s = [
+        (b - a) / n for (a, b), n in zip(itertools.pairwise(done_s), examples[1:], strict=True)
+    ]
     queue.put(
         {
-            "step_s": statistics.median(intervals),
+            "example_s": statistics.median(per_example_s[shape["warmup"] :]),
             "before_mib": before_mib,
             "peak_mib": peak_resident_mib(),
         }
@@ -164,16 +170,19 @@ def run_ours(run: str, model_dir: Path, data: Any, _tok: Any, shape: dict, ckpt:
     config = SFTTrainingConfig(
         max_steps=shape["steps"],
         micro_batch_size=shape["batch_size"],
+        packing=run == "ours_packed",
         eval_at_start=False,
         save_final=False,
         progress_bar=False,
     )
     done_s: list[float] = []
+    examples: list[int] = []
 
     class _Times:
         def log(self, record: dict[str, Any]) -> None:
             if record["kind"] == "train":
                 done_s.append(time.perf_counter())
+                examples.append(round(record["examples_per_s"] * record["step_time_s"]))
 
         def close(self) -> None:
             pass
@@ -181,7 +190,7 @@ def run_ours(run: str, model_dir: Path, data: Any, _tok: Any, shape: dict, ckpt:
     before_mib = resident_mib()
     with backend:
         asyncio.run(run_sft_training(backend, data, config, logger=_Times()))
-    return done_s, before_mib
+    return done_s, examples, before_mib
 
 
 def _rows(data: Any) -> list[dict[str, list[int]]]:
@@ -247,7 +256,7 @@ def run_trainer(_r: str, model_dir: Path, data: Any, tok: Any, shape: dict, ckpt
         callbacks=[callback],
     )
     trainer.train()
-    return callback.done_s, callback.before_mib
+    return callback.done_s, [shape["batch_size"]] * len(callback.done_s), callback.before_mib
 
 
 def run_trl(_r: str, model_dir: Path, data: Any, tok: Any, shape: dict, ckpt: bool) -> tuple:
@@ -277,7 +286,7 @@ def run_trl(_r: str, model_dir: Path, data: Any, tok: Any, shape: dict, ckpt: bo
         callbacks=[callback],
     )
     trainer.train()
-    return callback.done_s, callback.before_mib
+    return callback.done_s, [shape["batch_size"]] * len(callback.done_s), callback.before_mib
 
 
 def run_in_child(run: str, shape_name: str, model_dir: Path, checkpointing: bool) -> dict:
@@ -308,7 +317,7 @@ def bench_shape(shape_name: str, rounds: int, checkpointing: bool, tmp: Path) ->
             results[run].append(result)
             print(
                 f"{shape_name} round {round_index} {run:>16}: "
-                f"{result['step_s'] / shape['batch_size'] * 1e3:8.1f} ms/example, "
+                f"{result['example_s'] * 1e3:8.1f} ms/example, "
                 f"peak {result['peak_mib']:7.0f} MiB "
                 f"(+{result['peak_mib'] - result['before_mib']:.0f} over the start of training)",
                 flush=True,
@@ -318,8 +327,7 @@ def bench_shape(shape_name: str, rounds: int, checkpointing: bool, tmp: Path) ->
 
 def summarise(shape_name: str, shape: dict, results: dict[str, list[dict]]) -> None:
     per_example = {
-        run: statistics.median(r["step_s"] for r in rs) / shape["batch_size"]
-        for run, rs in results.items()
+        run: statistics.median(r["example_s"] for r in rs) for run, rs in results.items()
     }
     peak = {run: statistics.median(r["peak_mib"] for r in rs) for run, rs in results.items()}
     growth = {
@@ -337,7 +345,8 @@ def summarise(shape_name: str, shape: dict, results: dict[str, list[dict]]) -> N
     print(
         f"  ratio ours/Trainer {per_example['ours'] / per_example['trainer']:.3f}, "
         f"ours/TRL {per_example['ours'] / per_example['trl']:.3f}, "
-        f"ours/ours_full_logits {per_example['ours'] / per_example['ours_full_logits']:.3f}; "
+        f"ours/ours_full_logits {per_example['ours'] / per_example['ours_full_logits']:.3f}, "
+        f"ours_packed/Trainer {per_example['ours_packed'] / per_example['trainer']:.3f}; "
         f"peak memory ours/Trainer {peak['ours'] / peak['trainer']:.3f}, "
         f"ours/TRL {peak['ours'] / peak['trl']:.3f}"
     )

@@ -94,11 +94,20 @@ def hidden_states_as_logits(owner: nn.Module) -> Iterator[nn.Module]:
     yields the head (to apply by hand). The head is put back even when the forward fails."""
     head = owner._modules["lm_head"]
     assert head is not None, "plain_head_owner only returns modules with a head"
-    owner._modules["lm_head"] = nn.Identity()
+    owner._modules["lm_head"] = _HiddenStates()
     try:
         yield head
     finally:
         owner._modules["lm_head"] = head
+
+
+class _HiddenStates(nn.Module):
+    """The stand-in head: the hidden states themselves, as a tensor of their own. The model
+    hands its head a view (a slice of the last hidden state); FSDP2 warns when a wrapped module
+    returns a view, since an in-place op on one would skip its backward hook."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.clone() if hidden._is_view() else hidden
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -294,3 +294,36 @@ def test_two_fsdp_ranks_equal_a_plain_loop(tmp_path: Path) -> None:
         torch.testing.assert_close(
             weights[name], param, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}"
         )
+
+
+def test_a_right_padding_mask_is_dropped_and_a_left_padding_one_kept(tmp_path: Path) -> None:
+    """Right padding hides nothing from a real position that the causal mask does not already
+    hide: the backend drops that mask (attention's causal fast path) and matches a plain loop
+    that passes it. Left padding does change real positions: that mask reaches the model."""
+    for side in ("right", "left"):
+        batch = rl_batch(seed=5)
+        lengths = torch.tensor([20, 14, 9])
+        real = torch.arange(20)[None] < lengths[:, None]
+        if side == "left":
+            real = real.flip(1)
+        batch["attention_mask"] = real.long()
+        batch["labels"] = batch["labels"].masked_fill(~real, -100)
+        model = tiny_model()
+        reference = copy.deepcopy(model)
+        reference.zero_grad()
+        logits = apply_temperature(
+            reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch,
+        )
+        loss = cross_entropy_loss(logits, batch)
+        loss.backward()
+        seen: list[bool] = []
+        model.register_forward_pre_hook(
+            lambda _m, _a, kwargs, seen=seen: seen.append("attention_mask" in kwargs),
+            with_kwargs=True,
+        )
+        ours = backend_step(model, batch, cross_entropy_loss, tmp_path / side)
+        assert seen == [side == "left"] * 3
+        assert ours["trained"]["loss"] == pytest.approx(loss.item(), rel=1e-6)
+        grads = {n: p.grad for n, p in reference.named_parameters()}
+        assert_grads_close(ours["grads"], grads)

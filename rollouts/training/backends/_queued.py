@@ -343,7 +343,7 @@ class QueuedBackend(ABC):
     ) -> HeadLoss:
         assert self._head_owner is not None and self._head_chunk_tokens is not None
         with hidden_states_as_logits(self._head_owner) as head, self._autocast():
-            hidden_BTH = logits_of(self.model, batch)
+            hidden_BTH = logits_of(self.model, batch, causal=True)
         return head_loss(
             hidden_BTH,
             head,
@@ -490,7 +490,7 @@ class QueuedBackend(ABC):
     def _logits(self, batch: Batch) -> torch.Tensor:
         """The model's logits, divided by the batch's sampling temperature when it has one."""
         with self._autocast():
-            logits = logits_of(self.model, batch)
+            logits = logits_of(self.model, batch, causal=self._head_owner is not None)
         return apply_temperature(logits, batch)
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -597,9 +597,18 @@ def layer_of(parameter_name: str) -> str:
     return own[-1] if own else parts[0]
 
 
-def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
-    """Run the model on the batch's inputs; accept a logits tensor or an output with .logits."""
+def logits_of(model: nn.Module, batch: Batch, causal: bool = False) -> torch.Tensor:
+    """Run the model on the batch's inputs; accept a logits tensor or an output with .logits.
+
+    `causal`: the model is a causal LM (an architecture of `PLAIN_HEAD_MODEL_TYPES`), so an
+    attention mask that only right-pads rows changes nothing at the real positions (the causal
+    mask already hides every later position) and is dropped: attention then takes its causal
+    fast path instead of building a [B, 1, T, T] mask (about 18% of a step at the 135M shape on
+    CPU). The padded positions' outputs differ, and carry no weight.
+    """
     inputs = {key: batch[key] for key in MODEL_INPUT_KEYS if batch.get(key) is not None}
+    if causal and "attention_mask" in inputs and _only_right_padding(inputs["attention_mask"]):
+        del inputs["attention_mask"]
     if hasattr(getattr(model, "config", None), "use_cache"):
         # A Hugging Face model otherwise fills a KV cache on every forward that nothing reads
         # (and with a cache, packed rows are not kept from attending to each other).
@@ -612,6 +621,15 @@ def logits_of(model: nn.Module, batch: Batch) -> torch.Tensor:
             "or an object with a .logits tensor"
         )
     return logits
+
+
+def _only_right_padding(attention_mask_BT: torch.Tensor) -> bool:
+    """Every row is ones up to its length, then zeros (one host sync on an accelerator)."""
+    if attention_mask_BT.ndim != 2:
+        return False
+    lengths_B = attention_mask_BT.sum(dim=1, keepdim=True)
+    positions_T = torch.arange(attention_mask_BT.shape[1], device=attention_mask_BT.device)
+    return bool(torch.equal(attention_mask_BT != 0, positions_T[None] < lengths_B))
 
 
 def write_hf_directory(

@@ -15,7 +15,8 @@ one optimizer step per generation batch (`num_iterations=1`, so no extra log-pro
 gradient checkpointing and float32 (its defaults are on and bf16; matched to ours). Ours:
 `make_rl_loss("ppo")`, `normalize_advantages_by_std=True`, `drop_constant_groups=False` (ours
 drops groups without signal by default; here both train every token), sampling in
-`HFRolloutEngine`'s own process (one intra-op thread), training on the rest.
+`HFRolloutEngine`'s own process (one intra-op thread, every sample of a step in one decode
+batch, as TRL's `generate` does), training on the backend's worker thread.
 
 Each run is a fresh process, alternating within each round. Printed: the median step interval
 after the warm-up steps, per run and over rounds, and the ratios TRL / ours.
@@ -27,6 +28,7 @@ import argparse
 import itertools
 import multiprocessing
 import os
+import queue as queue_module
 import statistics
 import tempfile
 import time
@@ -67,6 +69,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 GROUP_SIZE = 8
 MAX_NEW_TOKENS = 8
 LEARNING_RATE = 1e-4
+RUN_TIMEOUT_S = 3600
 RUNS = ("ours_sync", "ours_async", "trl_grpo")
 
 
@@ -100,9 +103,9 @@ def run_child(run: str, shape_name: str, model_dir: str, queue: Any) -> None:
     torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
     shape = SHAPES[shape_name]
     runner = run_trl if run == "trl_grpo" else run_ours
-    done_s = runner(run, Path(model_dir), shape)
+    done_s, split = runner(run, Path(model_dir), shape)
     intervals = [b - a for a, b in itertools.pairwise(done_s)][shape["warmup"] :]
-    queue.put({"step_s": statistics.median(intervals)})
+    queue.put({"step_s": statistics.median(intervals), "split": split})
 
 
 def run_ours(run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
@@ -133,13 +136,20 @@ def run_ours(run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
     )
     model = load_hf_model(model_dir, torch.float32, None)
     optimizer = create_adamw_optimizer(model, LEARNING_RATE)
-    engine = HFRolloutEngine(load_hf_model(model_dir, torch.float32, None), tokenizer)
+    import json
+
+    engine_options = json.loads(os.environ.get("BENCH_ENGINE", "{}"))
+    engine = HFRolloutEngine(
+        load_hf_model(model_dir, torch.float32, None), tokenizer, **engine_options
+    )
     done_s: list[float] = []
+    last: dict[str, Any] = {}
 
     class _Times:
         def log(self, record: dict[str, Any]) -> None:
             if record.get("phase") == "rl" and "wall_time_s" in record:
                 done_s.append(time.perf_counter())
+                last.update(record)
 
         def close(self) -> None:
             pass
@@ -149,7 +159,14 @@ def run_ours(run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
     )
     with engine, backend:
         trio.run(run_rl_training, backend, engine, task, config, _Times(), tokenizer)
-    return done_s
+    steps = len(done_s)
+    split = {
+        "sampling busy": last["sample_busy_s"] / steps,
+        "training busy": last["train_busy_s"] / steps,
+        "both at once": last["overlap_frac"] * last["wall_time_s"] / steps,
+        "weight sync": last.get("weight_sync_s", 0.0),
+    }
+    return done_s, split
 
 
 def run_trl(_run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
@@ -206,7 +223,7 @@ def run_trl(_run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
         callbacks=[_StepTimes()],
     )
     trainer.train()
-    return done_s
+    return done_s, {}
 
 
 def run_in_child(run: str, shape_name: str, model_dir: Path) -> dict:
@@ -214,11 +231,17 @@ def run_in_child(run: str, shape_name: str, model_dir: Path) -> dict:
     queue = context.Queue()
     child = context.Process(target=run_child, args=(run, shape_name, str(model_dir), queue))
     child.start()
-    try:
-        result = queue.get(timeout=3600)
-    finally:
-        child.join(timeout=60)
-    assert child.exitcode == 0, f"{run} exited with {child.exitcode}"
+    deadline_s = time.monotonic() + RUN_TIMEOUT_S
+    while True:  # a child that dies (its traceback is printed above) ends the wait at once
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not child.is_alive() or time.monotonic() > deadline_s:
+                child.kill()
+                message = f"{run} ended without a result (exit code {child.exitcode})"
+                raise RuntimeError(message) from None
+    child.join(timeout=60)
     return result
 
 
@@ -231,8 +254,14 @@ def bench_shape(shape_name: str, rounds: int, tmp: Path) -> None:
     for round_index in range(rounds):
         shift = round_index % len(RUNS)
         for run in RUNS[shift:] + RUNS[:shift]:
-            results[run].append(run_in_child(run, shape_name, model_dir)["step_s"])
-            print(f"{shape_name} round {round_index} {run:>10}: {results[run][-1]:.3f} s/step")
+            result = run_in_child(run, shape_name, model_dir)
+            results[run].append(result["step_s"])
+            split = ", ".join(f"{k} {v:.3f} s" for k, v in result["split"].items())
+            print(
+                f"{shape_name} round {round_index} {run:>10}: {result['step_s']:.3f} s/step"
+                + (f" (per step: {split})" if split else ""),
+                flush=True,
+            )
     step_s = {run: statistics.median(values) for run, values in results.items()}
     print(
         f"== {shape_name}: median over {rounds} rounds, {shape['prompts']} prompts x "

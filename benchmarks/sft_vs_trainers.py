@@ -36,6 +36,7 @@ import argparse
 import itertools
 import multiprocessing
 import os
+import queue as queue_module
 import random
 import resource
 import statistics
@@ -79,6 +80,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 RUNS = ("ours", "ours_packed", "ours_full_logits", "trainer", "trl")
 LEARNING_RATE = 1e-4
+RUN_TIMEOUT_S = 3600
 
 
 def make_records(shape: dict[str, Any], count: int) -> list[dict[str, str]]:
@@ -296,11 +298,17 @@ def run_in_child(run: str, shape_name: str, model_dir: Path, checkpointing: bool
         target=run_child, args=(run, shape_name, str(model_dir), checkpointing, queue)
     )
     child.start()
-    try:
-        result = queue.get(timeout=3600)
-    finally:
-        child.join(timeout=60)
-    assert child.exitcode == 0, f"{run} exited with {child.exitcode}"
+    deadline_s = time.monotonic() + RUN_TIMEOUT_S
+    while True:  # a child that dies (its traceback is printed above) ends the wait at once
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not child.is_alive() or time.monotonic() > deadline_s:
+                child.kill()
+                message = f"{run} ended without a result (exit code {child.exitcode})"
+                raise RuntimeError(message) from None
+    child.join(timeout=60)
     return result
 
 

@@ -127,13 +127,19 @@ class _CachedForward:
         # layers a window-sized cache, and hybrid models their per-layer kinds.
         self._config = None if config is None else config.get_text_config(decoder=True)
         self._cache: Cache | None = None
+        # Only the last position's logits are read: a prefill that computed all of them would
+        # spend [N, L, V] of head work and memory on prompt positions.
+        parameters = inspect.signature(model.forward).parameters
+        self._last_logits_only = {"logits_to_keep": 1} if "logits_to_keep" in parameters else {}
 
     def start(self) -> None:
         self._cache = DynamicCache(config=self._config)
 
     def __call__(self, **inputs: torch.Tensor) -> Any:
         assert self._cache is not None, "start() opens a cache before the first forward"
-        output = self.model(**inputs, **{self.keyword: self._cache}, use_cache=True)
+        output = self.model(
+            **inputs, **{self.keyword: self._cache}, **self._last_logits_only, use_cache=True
+        )
         returned = getattr(output, self.keyword, None)
         if returned is None:
             # A forward that dropped the cache (taken by `**kwargs` and ignored) would decode each

@@ -174,10 +174,14 @@ def test_full_logits_when_asked_or_when_not_exact(tmp_path: Path) -> None:
     def custom_loss(logits: torch.Tensor, batch: dict) -> torch.Tensor:
         return cross_entropy_loss(logits, batch)
 
-    for loss_fn, options in [(cross_entropy_loss, {"head_chunk_logits": None}), (custom_loss, {})]:
+    chunked = {"head_chunk_logits": CHUNK_POSITIONS * VOCAB}
+    for loss_fn, options in [
+        (cross_entropy_loss, {"head_chunk_logits": None}),
+        (custom_loss, chunked),
+    ]:
         model = tiny_model()
         calls = HeadCalls(model.lm_head)
-        ours = backend_step(model, batch, loss_fn, tmp_path / str(len(options)), **options)
+        ours = backend_step(model, batch, loss_fn, tmp_path / loss_fn.__name__, **options)
         assert set(calls.rows) == {batch["labels"].numel()}
         assert ours["trained"]["loss"] == reference_step(tiny_model(), batch, loss_fn)["loss"]
 
@@ -195,7 +199,7 @@ def test_full_logits_when_asked_or_when_not_exact(tmp_path: Path) -> None:
     gemma = Gemma2ForCausalLM(config)
     theirs = reference_step(copy.deepcopy(gemma), batch, cross_entropy_loss)
     calls = HeadCalls(gemma.lm_head)
-    ours = backend_step(gemma, batch, cross_entropy_loss, tmp_path / "gemma")
+    ours = backend_step(gemma, batch, cross_entropy_loss, tmp_path / "gemma", **chunked)
     assert set(calls.rows) == {batch["labels"].numel()}
     assert ours["trained"]["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
 
@@ -208,7 +212,9 @@ def test_a_refused_loss_leaves_the_backend_usable(tmp_path: Path) -> None:
     model = tiny_model()
     theirs = reference_step(copy.deepcopy(model), batch, make_rl_loss("ppo"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    with PyTorchTrainingBackend(model, optimizer, make_rl_loss("ppo"), tmp_path, "cpu") as backend:
+    with PyTorchTrainingBackend(
+        model, optimizer, make_rl_loss("ppo"), tmp_path, "cpu", head_chunk_logits=VOCAB * 7
+    ) as backend:
         with pytest.raises(KeyError, match="advantages"):
             backend.forward_backward(broken).wait(60)
         assert backend.forward_backward(batch).wait(60)["loss"] == pytest.approx(theirs["loss"])
@@ -231,9 +237,26 @@ def test_lora_with_an_adapted_head_equals_the_full_logits(tmp_path: Path) -> Non
     assert_grads_close(ours["grads"], theirs["grads"])
 
 
+def test_auto_chunks_from_a_real_vocabulary_up(tmp_path: Path) -> None:
+    """ "auto" (the default) keeps the full logits for a tiny vocabulary, where the head costs
+    little, and chunks of 2^26 logits from 4,096 tokens up."""
+    from rollouts.training.lm_head import head_chunk_tokens
+
+    assert head_chunk_tokens("auto", VOCAB) is None
+    assert head_chunk_tokens("auto", 49152) == 2**26 // 49152 == 1365
+    assert head_chunk_tokens(VOCAB * 3, VOCAB) == 3
+    assert head_chunk_tokens(None, 49152) is None
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=4096, hidden_size=32))
+    calls = HeadCalls(model.lm_head)
+    batch = rl_batch(seed=6)
+    backend_step(model, batch, cross_entropy_loss, tmp_path)  # the default: "auto"
+    assert max(calls.rows) < batch["labels"].numel()  # kept positions only
+
+
 def test_a_bad_chunk_size_is_refused(tmp_path: Path) -> None:
     model = tiny_model()
-    for bad in (0, -5, 1.5, True):
+    for bad in (0, -5, 1.5, True, "full"):
         with pytest.raises(ValueError, match="head_chunk_logits"):
             PyTorchTrainingBackend(
                 model,

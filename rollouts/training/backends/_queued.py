@@ -56,7 +56,7 @@ from rollouts.training.errors import (
     PendingGradientsError,
 )
 from rollouts.training.lm_head import (
-    HEAD_CHUNK_LOGITS_DEFAULT,
+    HEAD_CHUNK_AUTO,
     HeadLoss,
     head_chunk_tokens,
     head_loss,
@@ -110,7 +110,7 @@ class QueuedBackend(ABC):
         data_parallel: DataParallel | None = None,
         recovery_hints: dict[str, str] | None = None,
         tokenizer: Any | None = None,
-        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
+        head_chunk_logits: int | str | None = HEAD_CHUNK_AUTO,
     ) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f"normalization={normalization!r}; must be one of {NORMALIZATIONS}")
@@ -128,20 +128,8 @@ class QueuedBackend(ABC):
         self._trains_subset = len(self._params) < sum(1 for _ in model.parameters())
         self._num_parameters = sum(p.numel() for p in model.parameters())  # global for DTensors
         self._vocab_in, self._vocab_out = _vocab_sizes(model)
-        if head_chunk_logits is not None and not (
-            isinstance(head_chunk_logits, int)
-            and not isinstance(head_chunk_logits, bool)
-            and head_chunk_logits > 0
-        ):
-            raise ValueError(
-                f"head_chunk_logits must be a positive int or None, got {head_chunk_logits!r}"
-            )
         self._head_owner = plain_head_owner(model)
-        self._head_chunk_tokens = (
-            None
-            if head_chunk_logits is None
-            else head_chunk_tokens(head_chunk_logits, self._vocab_out)
-        )
+        self._head_chunk_tokens = head_chunk_tokens(head_chunk_logits, self._vocab_out)
         self._step = 0
         self._reset_accumulation()
         self._recovery_hints = recovery_hints or RECOVERY_HINTS

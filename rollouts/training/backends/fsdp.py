@@ -87,7 +87,7 @@ from rollouts.training.backends.protocol import DataParallel
 from rollouts.training.backends.pytorch_factory import enable_activation_checkpointing
 from rollouts.training.distributed import World
 from rollouts.training.errors import CheckpointFailedError
-from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
+from rollouts.training.lm_head import HEAD_CHUNK_AUTO
 from rollouts.training.losses import Batch, LossFn
 
 __all__ = ["FSDPTrainingBackend", "shard_model"]
@@ -181,7 +181,7 @@ class FSDPTrainingBackend(QueuedBackend):
         num_threads: int | str | None = None,
         close_timeout_s: float | None = None,
         tokenizer: Any | None = None,
-        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
+        head_chunk_logits: int | str | None = HEAD_CHUNK_AUTO,
     ) -> None:
         if not isinstance(model, FSDPModule):
             raise ValueError(

@@ -33,7 +33,7 @@ from rollouts.training.backends.checkpointing import (
     write_checksums,
 )
 from rollouts.training.backends.lora import adapter_update, is_lora_model
-from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
+from rollouts.training.lm_head import HEAD_CHUNK_AUTO
 from rollouts.training.losses import LossFn
 
 __all__ = ["PyTorchTrainingBackend", "validate_device"]
@@ -51,7 +51,10 @@ class PyTorchTrainingBackend(QueuedBackend):
     worker starts, see `rollouts.core.threads`), e.g. 1 to leave a core to a rollout engine.
     `queue_depth_max` bounds the calls pending at once; `close_timeout_s` how long `close()` and
     interpreter exit wait for them. `tokenizer`, when given, is written by `export_hf` beside the
-    weights (the factories pass the model directory's own).
+    weights (the factories pass the model directory's own). `head_chunk_logits` runs the LM head
+    and a token-local loss only at weighted positions, that many logits at a time ("auto": 2^26
+    from a 4,096-token vocabulary up; None: the model's full logits, bit-identical to a plain
+    loop; see `rollouts.training.lm_head`).
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class PyTorchTrainingBackend(QueuedBackend):
         num_threads: int | str | None = None,
         close_timeout_s: float = CLOSE_TIMEOUT_S_DEFAULT,
         tokenizer: Any | None = None,
-        head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT,
+        head_chunk_logits: int | str | None = HEAD_CHUNK_AUTO,
     ) -> None:
         if autocast_dtype is not None and autocast_dtype not in AUTOCAST_DTYPES:
             raise ValueError(f"autocast_dtype={autocast_dtype}; must be None or {AUTOCAST_DTYPES}")

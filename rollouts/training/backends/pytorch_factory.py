@@ -34,7 +34,7 @@ from rollouts.core.worker import QUEUE_DEPTH_MAX_DEFAULT
 from rollouts.training.backends.lora import apply_lora, require_peft
 from rollouts.training.backends.protocol import NORMALIZATIONS
 from rollouts.training.backends.pytorch import PyTorchTrainingBackend, validate_device
-from rollouts.training.lm_head import HEAD_CHUNK_LOGITS_DEFAULT
+from rollouts.training.lm_head import HEAD_CHUNK_AUTO, head_chunk_tokens
 from rollouts.training.losses import LossFn, cross_entropy_loss
 
 __all__ = [
@@ -292,9 +292,10 @@ class BackendOptions:
     # starts: 1 on a box others keep busy, all cores on a quiet one), or a count.
     num_threads: int | str | None = None
     queue_depth_max: int = QUEUE_DEPTH_MAX_DEFAULT  # calls pending at once, at most
-    # Logits per chunk of the LM head, computed only at weighted positions (see
-    # rollouts.training.lm_head); None: the model's own full [B, T, V] logits.
-    head_chunk_logits: int | None = HEAD_CHUNK_LOGITS_DEFAULT
+    # The LM head and loss only at weighted positions, this many logits at a time ("auto": 2^26
+    # from a 4,096-token vocabulary up); None: the model's own full [B, T, V] logits. See
+    # rollouts.training.lm_head.
+    head_chunk_logits: int | str | None = HEAD_CHUNK_AUTO
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft); 0: the whole model
     lora_alpha: float = 16.0  # the adapters' scale is lora_alpha / lora_rank
     lora_dropout: float = 0.0
@@ -326,6 +327,7 @@ class BackendOptions:
             validate_schedule(*schedule)
         self._check_optimizer_fields()
         self._check_lora_fields()
+        head_chunk_tokens(self.head_chunk_logits, None)  # refuses a bad value, naming it
 
     def _check_lora_fields(self) -> None:
         rank = self.lora_rank

@@ -91,10 +91,8 @@ def main() -> None:
         "async_k1": RLTrainingConfig(**base, async_mode=True, max_steps_off_policy=1),
     }
     # One engine process for every run: its start-up is paid once, outside the timed runs.
-    engine = HFRolloutEngine(  # every sample of a step in one decode batch
-        build_tiny_llama(len(tokenizer), max_position_embeddings=64),
-        tokenizer,
-        batch_size_max=base["prompts_per_step"] * base["group_size"],
+    engine = HFRolloutEngine(
+        build_tiny_llama(len(tokenizer), max_position_embeddings=64), tokenizer
     )
     results: dict[str, list[dict[str, float]]] = {name: [] for name in configs}
     with engine:

@@ -347,6 +347,16 @@ def test_a_right_padding_mask_is_dropped_and_a_left_padding_one_kept(tmp_path: P
         )
         ours = backend_step(model, batch, cross_entropy_loss, tmp_path / side)
         assert seen == [side == "left"] * 3
+        # With position_ids the mask stays: without one, transformers would read restarting
+        # positions as packed rows.
+        with_positions = {**batch, "position_ids": torch.arange(20).expand(3, 20)}
+        positioned, kept = tiny_model(), []
+        positioned.register_forward_pre_hook(
+            lambda _m, _a, kwargs, kept=kept: kept.append("attention_mask" in kwargs),
+            with_kwargs=True,
+        )
+        backend_step(positioned, with_positions, cross_entropy_loss, tmp_path / f"{side}-p")
+        assert kept == [True] * 3
         assert ours["trained"]["loss"] == pytest.approx(loss.item(), rel=1e-6)
         grads = {n: p.grad for n, p in reference.named_parameters()}
         assert_grads_close(ours["grads"], grads)

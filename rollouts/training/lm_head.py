@@ -77,6 +77,7 @@ HEAD_CHUNK_LOGITS_AUTO = 2**26
 # vocabulary 70: 1-4% slower), so "auto" keeps the full logits there.
 HEAD_PATH_VOCAB_MIN = 4096
 HEAD_CHUNK_AUTO = "auto"
+HEAD_CHUNK_TOKENS_UNKNOWN_VOCAB = 4096
 
 
 def head_chunk_tokens(head_chunk_logits: int | str | None, vocab_size: int | None) -> int | None:
@@ -99,7 +100,9 @@ def head_chunk_tokens(head_chunk_logits: int | str | None, vocab_size: int | Non
         )
     if head_chunk_logits <= 0:
         raise ValueError(f"head_chunk_logits must be > 0, got {head_chunk_logits}")
-    return max(1, head_chunk_logits // vocab_size) if vocab_size else 4096
+    if not vocab_size:  # a head whose width is not known: a fixed number of positions
+        return HEAD_CHUNK_TOKENS_UNKNOWN_VOCAB
+    return max(1, head_chunk_logits // vocab_size)
 
 
 def plain_head_owner(model: nn.Module) -> nn.Module | None:

@@ -388,3 +388,43 @@ def test_activation_checkpointing_and_bf16_autocast_equal_the_full_logits(tmp_pa
     for name, grad in full["grads"].items():
         difference = float((chunked["grads"][name] - grad).abs().max())
         assert difference <= 3e-2 * float(grad.abs().max()) + 1e-6, name
+
+
+def test_only_the_head_training_and_a_labelled_padding_and_a_wrapper(tmp_path: Path) -> None:
+    """Three edges: a model whose only trained weight is the head (no decoder backward to run);
+    a right padding that carries labels (the mask stays, those positions' values depend on it);
+    a model nested in a wrapper that may change its logits (not swapped: full logits)."""
+    from rollouts.training.lm_head import plain_head_owner
+
+    batch = rl_batch(seed=8)
+    model = tiny_model()
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.startswith("lm_head"))
+    theirs = reference_step(copy.deepcopy(model), batch, cross_entropy_loss)
+    ours = backend_step(
+        model, batch, cross_entropy_loss, tmp_path / "head", head_chunk_logits=7 * VOCAB
+    )
+    assert ours["trained"]["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
+    assert_grads_close(ours["grads"], theirs["grads"])
+
+    padded = {**batch, "attention_mask": torch.ones(3, 20, dtype=torch.long)}
+    padded["attention_mask"][1, 15:] = 0  # right padding, but position 15 of row 1 has a label
+    assert padded["labels"][1, 15] != -100
+    seen: list[bool] = []
+    model = tiny_model()
+    model.register_forward_pre_hook(
+        lambda _m, _a, kwargs: seen.append("attention_mask" in kwargs), with_kwargs=True
+    )
+    backend_step(model, padded, cross_entropy_loss, tmp_path / "padded")
+    assert seen == [True] * 3
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = tiny_model()
+
+        def forward(self, **inputs: Any) -> torch.Tensor:
+            return torch.tanh(self.inner(**inputs).logits)  # a soft-cap the head path would skip
+
+    assert plain_head_owner(Wrapper()) is None
+    assert plain_head_owner(tiny_model()) is not None

@@ -106,9 +106,12 @@ def head_chunk_tokens(head_chunk_logits: int | str | None, vocab_size: int | Non
 
 
 def plain_head_owner(model: nn.Module) -> nn.Module | None:
-    """The module holding the model's `lm_head` as a direct child, when its architecture is in
-    `PLAIN_HEAD_MODEL_TYPES` (found inside PEFT and FSDP wrappers); None otherwise."""
-    for module in model.modules():
+    """The model itself (or, for a PEFT model, its base model) when its architecture is in
+    `PLAIN_HEAD_MODEL_TYPES` and it holds `lm_head` as a direct child; None otherwise. A module
+    of the family nested in another model is not taken: the outer forward may change the logits.
+    """
+    get_base_model = getattr(model, "get_base_model", None)
+    for module in (model, get_base_model() if callable(get_base_model) else None):
         model_type = getattr(getattr(module, "config", None), "model_type", None)
         if model_type in PLAIN_HEAD_MODEL_TYPES and "lm_head" in module._modules:
             return module
@@ -183,7 +186,7 @@ def head_loss(
         loss += share.detach().float()
         if want_logprobs:
             pieces.append(label_logprobs(logits_1CV.detach(), chunk["labels"])[0])
-    if backward is not None:
+    if backward is not None and hidden_NH.requires_grad:  # not when only the head trains
         grad_NH = leaf_NH.grad if leaf_NH.grad is not None else torch.zeros_like(leaf_NH)
         hidden_NH.backward(grad_NH)
     logprobs_BT = None

@@ -218,7 +218,10 @@ def is_token_local(loss_fn: LossFn) -> bool:
     """Whether `loss_fn` is a weighted mean over tokens of a per-token value that depends only on
     that token's logits and batch entries. Every loss here is; a backend then computes the LM
     head and the loss only at weighted positions, a chunk at a time
-    (`rollouts.training.lm_head`). A custom loss opts in with `loss_fn.token_local = True`."""
+    (`rollouts.training.lm_head`). A custom loss opts in with `loss_fn.token_local = True`; it
+    then sees the kept positions as one row [1, N], with every [B, T] entry of the batch gathered
+    alike (entries of other shapes, such as [B, T, K], arrive whole: such a loss should not opt
+    in)."""
     return bool(getattr(loss_fn, "token_local", False))
 
 

@@ -214,6 +214,12 @@ class FSDPTrainingBackend(QueuedBackend):
         # weights (embeddings, final norm, head) stay gathered from its forward to its backward,
         # as FSDP2 keeps a root by default; the calls below free them when no backward does.
         model.set_reshard_after_forward(False, recurse=False)
+        if self._head_owner is not None and isinstance(
+            self._head_owner._modules["lm_head"], FSDPModule
+        ):
+            # A head sharded as its own unit would gather and reduce once per chunk, and the
+            # ranks' chunk counts differ: such a model keeps its full logits.
+            self._head_chunk_tokens = None
 
     # -- the pieces of the shared bodies -----------------------------------------------------------
 

@@ -20,8 +20,8 @@ Results (plain Python values; tensors only where named):
     forward_backward -> {"loss": float (this call's weighted mean), "num_tokens": int,
                          "token_weight": float; for an RL batch (one with sampling_logprobs)
                          also "logprobs": Tensor [B, T], the trainer's before the update, at
-                         its weighted positions (0 elsewhere; every labelled position with
-                         return_logprobs=True)}
+                         least at its weighted positions (elsewhere 0 or the label's; every
+                         labelled position with return_logprobs=True)}
     forward          -> {"loss": float, "num_tokens": int, "token_weight": float,
                          "logprobs": Tensor [B, T] float32 on CPU (0 where ignored)}
     optim_step       -> {"step": int (steps taken so far), "lr": float (the rate this step used),

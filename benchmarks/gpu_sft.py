@@ -33,24 +33,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _tiny_model import SMOLLM2_135M_SHAPE
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 MODELS: dict[str, tuple[type, type, dict[str, Any]]] = {
-    "135m": (
-        LlamaConfig,
-        LlamaForCausalLM,
-        dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            vocab_size=49152,
-            tie_word_embeddings=True,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-        ),
-    ),
+    "135m": (LlamaConfig, LlamaForCausalLM, {**SMOLLM2_135M_SHAPE, "vocab_size": 49152}),
     "0.5b": (
         Qwen2Config,
         Qwen2ForCausalLM,

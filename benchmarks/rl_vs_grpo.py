@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import multiprocessing
 import os
-import queue as queue_module
 import statistics
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _tiny_model import SMOLLM2_135M_SHAPE, result_of_fresh_process
 
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -50,16 +50,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         "warmup": 3,
     },
     "135m": {
-        "config": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            tie_word_embeddings=True,
-            rms_norm_eps=1e-5,
-            rope_theta=100000.0,
-        ),
+        "config": SMOLLM2_135M_SHAPE,
         "vocab_size": 49152,
         "prompts": 4,
         "steps": 7,
@@ -227,22 +218,7 @@ def run_trl(_run: str, model_dir: Path, shape: dict[str, Any]) -> list[float]:
 
 
 def run_in_child(run: str, shape_name: str, model_dir: Path) -> dict:
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    child = context.Process(target=run_child, args=(run, shape_name, str(model_dir), queue))
-    child.start()
-    deadline_s = time.monotonic() + RUN_TIMEOUT_S
-    while True:  # a child that dies (its traceback is printed above) ends the wait at once
-        try:
-            result = queue.get(timeout=5)
-            break
-        except queue_module.Empty:
-            if not child.is_alive() or time.monotonic() > deadline_s:
-                child.kill()
-                message = f"{run} ended without a result (exit code {child.exitcode})"
-                raise RuntimeError(message) from None
-    child.join(timeout=60)
-    return result
+    return result_of_fresh_process(run_child, (run, shape_name, str(model_dir)), run, RUN_TIMEOUT_S)
 
 
 def bench_shape(shape_name: str, rounds: int, tmp: Path) -> None:

@@ -274,16 +274,7 @@ class QueuedBackend(ABC):
 
         self.model.train()
         with torch.enable_grad():
-            if self._uses_head_path(loss_fn, keep_BT):
-                computed = self._head_loss(batch, loss_fn, keep_BT, want_logprobs, backward)
-                loss, logprobs_BT = computed.loss, computed.logprobs_BT
-            else:
-                logits = self._logits(batch)
-                loss = _checked_loss(loss_fn(logits, batch))
-                backward(loss)
-                logprobs_BT = (
-                    label_logprobs(logits.detach(), batch["labels"]) if want_logprobs else None
-                )
+            loss, logprobs_BT = self._loss(batch, loss_fn, keep_BT, want_logprobs, backward)
         reference = self._reference_weight(local_weight)
         stats = self._call_stats(loss.detach(), weights_BT)
         self._accum_weight += stats["token_weight"] / reference if reference else 0.0
@@ -299,16 +290,31 @@ class QueuedBackend(ABC):
         weights_BT = token_weights(batch)
         keep_BT = batch["labels"] != IGNORE_INDEX
         self.model.eval()
-        if self._uses_head_path(loss_fn, keep_BT):
-            computed = self._head_loss(batch, loss_fn, keep_BT, True, None)
-            loss, logprobs_BT = computed.loss, computed.logprobs_BT
-        else:
-            logits = self._logits(batch)
-            loss = _checked_loss(loss_fn(logits, batch))
-            logprobs_BT = label_logprobs(logits, batch["labels"])
+        loss, logprobs_BT = self._loss(batch, loss_fn, keep_BT, True, None)
+        assert logprobs_BT is not None, "asked for"
         stats = self._call_stats(loss, weights_BT)
         stats["logprobs"] = logprobs_BT.cpu()
         return stats
+
+    def _loss(
+        self,
+        batch: Batch,
+        loss_fn: LossFn,
+        keep_BT: torch.Tensor,
+        want_logprobs: bool,
+        backward: Callable[[torch.Tensor], None] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(loss, label log-probs [B, T] or None) of the batch, through the head path when it
+        applies, else the model's full logits; `backward`, when given, runs on the loss."""
+        if self._uses_head_path(loss_fn, keep_BT):
+            computed = self._head_loss(batch, loss_fn, keep_BT, want_logprobs, backward)
+            return computed.loss, computed.logprobs_BT
+        logits = self._logits(batch)
+        loss = _checked_loss(loss_fn(logits, batch))
+        if backward is not None:
+            backward(loss)
+        logprobs_BT = label_logprobs(logits.detach(), batch["labels"]) if want_logprobs else None
+        return loss, logprobs_BT
 
     def _uses_head_path(self, loss_fn: LossFn, keep_BT: torch.Tensor) -> bool:
         """Head and loss at the kept positions only (`rollouts.training.lm_head`): when asked
